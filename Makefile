@@ -1,0 +1,37 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Each creates .venv from the lock file when it is missing or stale.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test lint typecheck check lock bench clean
+
+$(BIN)/.installed: requirements-dev.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: $(BIN)/.installed  ## start the broker with embedded Redis and a demo authorization server
+	$(BIN)/token-broker dev
+
+test: $(BIN)/.installed  ## run the whole test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check broker tests bench
+	$(BIN)/ruff format --check broker tests bench
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+lock:  ## re-resolve both lock files from pyproject.toml (needs uv)
+	uv pip compile pyproject.toml --python-version 3.11 --generate-hashes -o requirements.lock
+	uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes -o requirements-dev.lock
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
