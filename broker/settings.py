@@ -1,0 +1,545 @@
+"""Configuration: one TOML file, environment overrides, validated once at start (spec §2).
+
+Every problem found is reported as one line naming its key; `load_settings` raises
+`ConfigError` with all of them, never a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from broker import scopes as scopes_mod
+from broker.errors import ConfigError, InvalidRequest
+from broker.secret import Secret
+
+__all__ = [
+    "AUTH_METHODS",
+    "CacheSettings",
+    "CallerSettings",
+    "CredentialSettings",
+    "RedisSettings",
+    "ServerSettings",
+    "Settings",
+    "UpstreamSettings",
+    "load_settings",
+]
+
+AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+_PLANNED_AUTH_METHODS = ("private_key_jwt", "tls_client_auth")
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    public_url: str | None = None
+    access_log: bool = False
+    request_deadline_seconds: float = 10.0  # a caller never waits longer than this
+    max_body_bytes: int = 16_384
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str | None = None  # None: start an embedded redis-server (spec §7.1)
+
+    def __repr__(self) -> str:
+        return f"RedisSettings(url={redact_url(self.url)!r})"
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    skew_seconds: float = 30.0
+    refresh_at: tuple[float, float] = (0.6, 0.8)
+    default_expires_in: float = 300.0
+    l1_max_entries: int = 10_000
+    lock_ttl_seconds: float = 5.0  # shorter than the request deadline; renewed while fetching
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    connect_timeout_seconds: float = 3.0
+    timeout_seconds: float = 5.0
+    max_attempts: int = 3
+    discovery_ttl_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class CredentialSettings:
+    name: str
+    client_id: str
+    client_secret: Secret
+    token_url: str | None = None
+    issuer: str | None = None
+    auth_method: str = "client_secret_basic"
+    scopes: tuple[str, ...] = ()
+    default_scopes: tuple[str, ...] = ()
+    audience: str | None = None
+    resource: str | None = None
+    extra_params: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CallerSettings:
+    name: str
+    key_sha256: str  # lowercase hex; the key itself is never stored
+    grants: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    credentials: Mapping[str, CredentialSettings] = field(default_factory=dict)
+    callers: Mapping[str, CallerSettings] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with any password replaced, for logs and reprs."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+class _Reader:
+    """Reads typed values out of TOML tables, collecting one problem line per bad key."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{key}: {message}")
+
+    def table(self, parent: Mapping[str, Any], name: str, key: str) -> dict[str, Any]:
+        value = parent.get(name, {})
+        if not isinstance(value, dict):
+            self.problem(key, "must be a table")
+            return {}
+        return value
+
+    def unknown(self, table: Mapping[str, Any], known: set[str], prefix: str) -> None:
+        for name in sorted(set(table) - known):
+            self.problem(f"{prefix}.{name}", "unknown key")
+
+    def value(
+        self,
+        table: Mapping[str, Any],
+        name: str,
+        key: str,
+        convert: Callable[[Any], T],
+        default: T,
+        expected: str,
+    ) -> T:
+        if name not in table:
+            return default
+        try:
+            return convert(table[name])
+        except (TypeError, ValueError):
+            self.problem(key, f"must be {expected}, got {table[name]!r}")
+            return default
+
+    def secret(self, table: Mapping[str, Any], name: str, key: str) -> Secret | None:
+        ref = table.get(name)
+        if ref is None:
+            self.problem(key, "is required")
+            return None
+        if isinstance(ref, str):
+            if not ref:
+                self.problem(key, "must not be empty")
+                return None
+            self.warnings.append(
+                f'{key}: a literal secret in the config file; prefer {{ env = "…" }} or {{ file = "…" }}'
+            )
+            return Secret(ref, "literal")
+        if not isinstance(ref, dict) or len(ref) != 1 or next(iter(ref)) not in ("env", "file"):
+            self.problem(key, 'must be { env = "NAME" }, { file = "/path" } or a string')
+            return None
+        kind, where = next(iter(ref.items()))
+        if not isinstance(where, str) or not where:
+            self.problem(key, f"{kind} must be a non-empty string")
+            return None
+        if kind == "env":
+            env_value = self.env.get(where)
+            if not env_value:
+                self.problem(key, f"environment variable {where} is not set or empty")
+                return None
+            return Secret(env_value, f"env:{where}")
+        try:
+            file_value = Path(where).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            self.problem(key, f"cannot read secret file {where}: {exc.strerror or exc}")
+            return None
+        if not file_value:
+            self.problem(key, f"secret file {where} is empty")
+            return None
+        return Secret(file_value, f"file:{where}")
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+    ):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ValueError(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool | float):
+        raise TypeError(value)
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError(value)
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(value)
+    return result
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+def _to_pair(value: Any) -> tuple[float, float]:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ValueError(value)
+    low, high = (_to_float(v) for v in value)
+    return (low, high)
+
+
+def _check_url(reader: _Reader, key: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        reader.problem(key, f"must be an http(s) URL with a host, got {url!r}")
+    elif key.endswith("issuer") and (parts.query or parts.fragment):
+        reader.problem(key, "must not carry a query or fragment")
+
+
+def _scope_list(reader: _Reader, table: Mapping[str, Any], name: str, key: str) -> tuple[str, ...]:
+    raw = table.get(name, [])
+    if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
+        reader.problem(key, "must be a list of strings")
+        return ()
+    try:
+        return scopes_mod.parse(" ".join(raw))
+    except InvalidRequest as exc:
+        reader.problem(key, exc.description)
+        return ()
+
+
+def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    """BROKER_<SECTION>_<KEY> overrides [section] key for server, redis, cache and upstream."""
+    for section in ("server", "redis", "cache", "upstream"):
+        prefix = f"BROKER_{section.upper()}_"
+        for name, value in env.items():
+            if name.startswith(prefix) and len(name) > len(prefix):
+                table = data.setdefault(section, {})
+                if isinstance(table, dict):
+                    table[name[len(prefix) :].lower()] = value
+
+
+def _server(r: _Reader, t: Mapping[str, Any]) -> ServerSettings:
+    d = ServerSettings()
+    r.unknown(t, set(ServerSettings.__dataclass_fields__), "server")
+    s = ServerSettings(
+        host=r.value(t, "host", "server.host", _to_str, d.host, "a string"),
+        port=r.value(t, "port", "server.port", _to_int, d.port, "an integer"),
+        workers=r.value(t, "workers", "server.workers", _to_int, d.workers, "an integer"),
+        public_url=r.value(t, "public_url", "server.public_url", _to_str, None, "a URL string"),
+        access_log=r.value(t, "access_log", "server.access_log", _to_bool, False, "true or false"),
+        request_deadline_seconds=r.value(
+            t,
+            "request_deadline_seconds",
+            "server.request_deadline_seconds",
+            _to_float,
+            d.request_deadline_seconds,
+            "a number",
+        ),
+        max_body_bytes=r.value(t, "max_body_bytes", "server.max_body_bytes", _to_int, d.max_body_bytes, "an integer"),
+    )
+    if not 0 <= s.port <= 65535:
+        r.problem("server.port", f"must be between 0 and 65535, got {s.port}")
+    if not 1 <= s.workers <= 64:
+        r.problem("server.workers", f"must be between 1 and 64, got {s.workers}")
+    if s.public_url is not None:
+        _check_url(r, "server.public_url", s.public_url)
+    if not 0.5 <= s.request_deadline_seconds <= 300:
+        r.problem("server.request_deadline_seconds", "must be between 0.5 and 300 seconds")
+    if not 1024 <= s.max_body_bytes <= 1_048_576:
+        r.problem("server.max_body_bytes", "must be between 1024 and 1048576")
+    return s
+
+
+def _redis(r: _Reader, t: Mapping[str, Any]) -> RedisSettings:
+    r.unknown(t, {"url"}, "redis")
+    url = r.value(t, "url", "redis.url", _to_str, None, "a redis:// URL string")
+    if url is not None:
+        scheme = urlsplit(url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            r.problem("redis.url", f"must start with redis://, rediss:// or unix://, got {scheme!r}")
+    return RedisSettings(url=url or None)
+
+
+def _cache(r: _Reader, t: Mapping[str, Any]) -> CacheSettings:
+    d = CacheSettings()
+    r.unknown(t, set(CacheSettings.__dataclass_fields__), "cache")
+    c = CacheSettings(
+        skew_seconds=r.value(t, "skew_seconds", "cache.skew_seconds", _to_float, d.skew_seconds, "a number"),
+        refresh_at=r.value(t, "refresh_at", "cache.refresh_at", _to_pair, d.refresh_at, "two numbers [low, high]"),
+        default_expires_in=r.value(
+            t,
+            "default_expires_in",
+            "cache.default_expires_in",
+            _to_float,
+            d.default_expires_in,
+            "a number",
+        ),
+        l1_max_entries=r.value(t, "l1_max_entries", "cache.l1_max_entries", _to_int, d.l1_max_entries, "an integer"),
+        lock_ttl_seconds=r.value(
+            t,
+            "lock_ttl_seconds",
+            "cache.lock_ttl_seconds",
+            _to_float,
+            d.lock_ttl_seconds,
+            "a number",
+        ),
+    )
+    if c.skew_seconds < 0:
+        r.problem("cache.skew_seconds", "must not be negative")
+    low, high = c.refresh_at
+    if not 0 < low <= high < 1:
+        r.problem("cache.refresh_at", f"must satisfy 0 < low <= high < 1, got [{low}, {high}]")
+    if c.default_expires_in < 2:
+        r.problem("cache.default_expires_in", "must be at least 2 seconds")
+    if c.l1_max_entries < 1:
+        r.problem("cache.l1_max_entries", "must be at least 1")
+    if not 0.5 <= c.lock_ttl_seconds <= 60:
+        r.problem("cache.lock_ttl_seconds", "must be between 0.5 and 60 seconds")
+    return c
+
+
+def _upstream(r: _Reader, t: Mapping[str, Any]) -> UpstreamSettings:
+    d = UpstreamSettings()
+    r.unknown(t, set(UpstreamSettings.__dataclass_fields__), "upstream")
+    u = UpstreamSettings(
+        connect_timeout_seconds=r.value(
+            t,
+            "connect_timeout_seconds",
+            "upstream.connect_timeout_seconds",
+            _to_float,
+            d.connect_timeout_seconds,
+            "a number",
+        ),
+        timeout_seconds=r.value(
+            t,
+            "timeout_seconds",
+            "upstream.timeout_seconds",
+            _to_float,
+            d.timeout_seconds,
+            "a number",
+        ),
+        max_attempts=r.value(t, "max_attempts", "upstream.max_attempts", _to_int, d.max_attempts, "an integer"),
+        discovery_ttl_seconds=r.value(
+            t,
+            "discovery_ttl_seconds",
+            "upstream.discovery_ttl_seconds",
+            _to_float,
+            d.discovery_ttl_seconds,
+            "a number",
+        ),
+    )
+    if u.connect_timeout_seconds <= 0 or u.timeout_seconds <= 0:
+        r.problem("upstream", "timeouts must be positive")
+    if not 1 <= u.max_attempts <= 10:
+        r.problem("upstream.max_attempts", "must be between 1 and 10")
+    return u
+
+
+_CREDENTIAL_KEYS = {
+    "issuer",
+    "token_url",
+    "client_id",
+    "client_secret",
+    "auth_method",
+    "scopes",
+    "default_scopes",
+    "audience",
+    "resource",
+    "extra_params",
+}
+_RESERVED_FORM_FIELDS = {
+    "grant_type",
+    "scope",
+    "client_id",
+    "client_secret",
+    "audience",
+    "resource",
+}
+
+
+def _credential(r: _Reader, name: str, t: Mapping[str, Any]) -> CredentialSettings | None:
+    key = f"credentials.{name}"
+    r.unknown(t, _CREDENTIAL_KEYS, key)
+    token_url = r.value(t, "token_url", f"{key}.token_url", _to_str, None, "a URL string")
+    issuer = r.value(t, "issuer", f"{key}.issuer", _to_str, None, "a URL string")
+    if (token_url is None) == (issuer is None):
+        r.problem(key, "needs exactly one of issuer (OIDC discovery) or token_url")
+    for k, url in (("token_url", token_url), ("issuer", issuer)):
+        if url is not None:
+            _check_url(r, f"{key}.{k}", url)
+    client_id = r.value(t, "client_id", f"{key}.client_id", _to_str, "", "a string")
+    if not client_id:
+        r.problem(f"{key}.client_id", "is required")
+    auth_method = r.value(t, "auth_method", f"{key}.auth_method", _to_str, "client_secret_basic", "a string")
+    if auth_method in _PLANNED_AUTH_METHODS:
+        r.problem(
+            f"{key}.auth_method",
+            f"{auth_method} is not supported yet; use one of {', '.join(AUTH_METHODS)}",
+        )
+    elif auth_method not in AUTH_METHODS:
+        r.problem(f"{key}.auth_method", f"must be one of {', '.join(AUTH_METHODS)}, got {auth_method!r}")
+    secret = r.secret(t, "client_secret", f"{key}.client_secret")
+    allowed = _scope_list(r, t, "scopes", f"{key}.scopes")
+    defaults = _scope_list(r, t, "default_scopes", f"{key}.default_scopes")
+    for scope in defaults:
+        if scope not in allowed:
+            r.problem(f"{key}.default_scopes", f"scope {scope!r} is not in {key}.scopes")
+    extra = r.table(t, "extra_params", f"{key}.extra_params")
+    for field_name, v in extra.items():
+        if not isinstance(v, str):
+            r.problem(f"{key}.extra_params.{field_name}", "must be a string")
+        elif field_name in _RESERVED_FORM_FIELDS:
+            r.problem(f"{key}.extra_params.{field_name}", "is set by the broker itself")
+    if secret is None:
+        return None
+    return CredentialSettings(
+        name=name,
+        client_id=client_id,
+        client_secret=secret,
+        token_url=token_url,
+        issuer=issuer.rstrip("/") if issuer else None,
+        auth_method=auth_method,
+        scopes=allowed,
+        default_scopes=defaults,
+        audience=r.value(t, "audience", f"{key}.audience", _to_str, None, "a string"),
+        resource=r.value(t, "resource", f"{key}.resource", _to_str, None, "a string"),
+        extra_params={k: v for k, v in extra.items() if isinstance(v, str)},
+    )
+
+
+def _caller(r: _Reader, name: str, t: Mapping[str, Any], credentials: Mapping[str, Any]) -> CallerSettings:
+    key = f"callers.{name}"
+    r.unknown(t, {"key_sha256", "grants"}, key)
+    digest = r.value(t, "key_sha256", f"{key}.key_sha256", _to_str, "", "a string").lower()
+    if len(digest) != 64 or not set(digest) <= _SHA256_HEX:
+        r.problem(f"{key}.key_sha256", "must be 64 hex characters (token-broker caller-key prints it)")
+    grants: dict[str, frozenset[str]] = {}
+    for credential, scopes in r.table(t, "grants", f"{key}.grants").items():
+        gkey = f"{key}.grants.{credential}"
+        if credential not in credentials:
+            r.problem(gkey, f"unknown credential {credential!r}")
+            continue
+        granted = _scope_list(r, {"s": scopes}, "s", gkey)
+        cred = credentials[credential]
+        if isinstance(cred, dict):
+            allowed = set(_scope_list(_Reader(r.env), cred, "scopes", ""))
+            for scope in granted:
+                if scope not in allowed:
+                    r.problem(gkey, f"scope {scope!r} is not allowed by credentials.{credential}.scopes")
+        grants[credential] = frozenset(granted)
+    return CallerSettings(name=name, key_sha256=digest, grants=grants)
+
+
+def parse_settings(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
+    """Validate a parsed TOML document (with env overrides applied to it)."""
+    _env_overrides(data, env)
+    r = _Reader(env)
+    r.unknown(data, {"server", "redis", "cache", "upstream", "credentials", "callers"}, "config")
+    server = _server(r, r.table(data, "server", "server"))
+    redis = _redis(r, r.table(data, "redis", "redis"))
+    cache = _cache(r, r.table(data, "cache", "cache"))
+    upstream = _upstream(r, r.table(data, "upstream", "upstream"))
+    raw_credentials = r.table(data, "credentials", "credentials")
+    credentials: dict[str, CredentialSettings] = {}
+    for name, table in raw_credentials.items():
+        if not isinstance(table, dict):
+            r.problem(f"credentials.{name}", "must be a table")
+            continue
+        cred = _credential(r, name, table)
+        if cred is not None:
+            credentials[name] = cred
+    callers: dict[str, CallerSettings] = {}
+    for name, table in r.table(data, "callers", "callers").items():
+        if not isinstance(table, dict):
+            r.problem(f"callers.{name}", "must be a table")
+            continue
+        callers[name] = _caller(r, name, table, raw_credentials)
+    seen: dict[str, str] = {}
+    for caller in callers.values():
+        if caller.key_sha256 and caller.key_sha256 in seen:
+            r.problem(
+                f"callers.{caller.name}.key_sha256",
+                f"is the same as callers.{seen[caller.key_sha256]}'s",
+            )
+        seen[caller.key_sha256] = caller.name
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Settings(
+        server=server,
+        redis=redis,
+        cache=cache,
+        upstream=upstream,
+        credentials=credentials,
+        callers=callers,
+        warnings=tuple(r.warnings),
+    )
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Load and validate the config file named by `path` or BROKER_CONFIG."""
+    env = os.environ if env is None else env
+    location = path or env.get("BROKER_CONFIG")
+    if not location:
+        raise ConfigError(["config: no config file given (use --config FILE or BROKER_CONFIG)"])
+    try:
+        with open(location, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError([f"config: cannot read {location}: {exc.strerror or exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"config: {location} is not valid TOML: {exc}"]) from None
+    return parse_settings(data, env)

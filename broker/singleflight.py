@@ -1,0 +1,161 @@
+"""Collapsing concurrent fetches: per key, one in this process (a shared task) and one across
+the fleet (a Redis lock with a double-checked read), spec §4.4.
+
+    miss ─▶ join the local task for the key, or start it
+              └─▶ SET lock NX PX ── won ──▶ re-read L2 ── still missing ──▶ fetch, write, release
+                                 └─ lost ─▶ wait for the "set" event (bounded poll as fallback);
+                                            lock gone and still nothing ─▶ try the lock again
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+import structlog
+
+from broker.errors import StoreUnavailable, UpstreamUnavailable
+from broker.store import CachedToken, Event, Store
+
+__all__ = ["DistributedFlight", "LocalFlight"]
+
+log = structlog.get_logger("broker.singleflight")
+
+T = TypeVar("T")
+
+_POLL_FIRST = 0.05
+_POLL_MAX = 0.5
+
+
+class LocalFlight(Generic[T]):
+    """One asyncio task per key; everyone who asks meanwhile awaits the same task."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[T]] = {}
+
+    def running(self, key: str) -> bool:
+        return key in self._tasks
+
+    def waiters(self) -> int:
+        return len(self._tasks)
+
+    async def run(self, key: str, factory: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """Returns (result, led) where `led` is true for the caller that started the work."""
+        task = self._tasks.get(key)
+        led = task is None
+        if task is None:
+            task = asyncio.ensure_future(factory())
+            self._tasks[key] = task
+            task.add_done_callback(lambda t: self._done(key, t))
+        # shield: a caller that goes away must not cancel the fetch others are waiting for
+        return await asyncio.shield(task), led
+
+    def start(self, key: str, factory: Callable[[], Awaitable[T]]) -> asyncio.Task[T] | None:
+        """Start background work for `key` unless some is already running."""
+        if key in self._tasks:
+            return None
+        task = asyncio.ensure_future(factory())
+        self._tasks[key] = task
+        task.add_done_callback(lambda t: self._done(key, t))
+        return task
+
+    def _done(self, key: str, task: asyncio.Task[T]) -> None:
+        if self._tasks.get(key) is task:
+            del self._tasks[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here so an unawaited failure is not reported as lost
+
+    async def cancel_all(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+class DistributedFlight:
+    """The cross-process half: a Redis lock per key, waiting on events for the winner's value."""
+
+    def __init__(self, store: Store, lock_ttl: float) -> None:
+        self.store = store
+        self.lock_ttl = lock_ttl
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+
+    def notify(self, event: Event) -> None:
+        """Called for every event on the channel: wakes whoever waits for that key."""
+        if event.op == "set":
+            for waiter in self._waiters.get(event.key, ()):
+                waiter.set()
+
+    async def run(
+        self,
+        key: str,
+        lock: str,
+        accept: Callable[[CachedToken], bool],
+        fetch: Callable[[], Awaitable[CachedToken]],
+        deadline: float,
+    ) -> tuple[CachedToken, bool]:
+        """A token for `key` that `accept` likes: someone's, or one we fetch. (token, fetched_here)."""
+        owner = secrets.token_hex(16)
+        while True:
+            if await self.store.acquire_lock(lock, owner, self.lock_ttl):
+                renewer = asyncio.create_task(self._renew(lock, owner))
+                try:
+                    current = await self.store.get(key)  # double-check under the lock
+                    if current is not None and accept(current):
+                        return current, False
+                    return await fetch(), True
+                finally:
+                    renewer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await renewer
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.store.release_lock(lock, owner)
+            found = await self._wait(key, lock, accept, deadline)
+            if found is not None:
+                return found, False
+
+    async def _renew(self, lock: str, owner: str) -> None:
+        """Keep the lock while the fetch runs; a dead holder stops renewing and the lock expires."""
+        while True:
+            await asyncio.sleep(self.lock_ttl / 3)
+            try:
+                if not await self.store.renew_lock(lock, owner, self.lock_ttl):
+                    log.warning("singleflight.lock_lost", lock=lock)
+                    return
+            except StoreUnavailable:
+                return
+
+    async def _wait(
+        self, key: str, lock: str, accept: Callable[[CachedToken], bool], deadline: float
+    ) -> CachedToken | None:
+        """Wait for another process's fetch. None when its lock is gone and nothing usable came."""
+        waiter = asyncio.Event()
+        self._waiters.setdefault(key, set()).add(waiter)
+        poll = _POLL_FIRST
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise UpstreamUnavailable("Timed out waiting for another broker process to fetch this token.")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(poll, remaining)):
+                        await waiter.wait()
+                waiter.clear()
+                current = await self.store.get(key)
+                if current is not None and accept(current):
+                    return current
+                if not await self.store.lock_held(lock):
+                    return None
+                poll = min(poll * 2, _POLL_MAX)
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[key]

@@ -1,0 +1,298 @@
+"""Redis: key names, cached token values, the fetch lock and the event channel (spec §4.1-§4.4).
+
+Nothing else in the broker knows a key name or a Redis command. Every key written has a TTL.
+Redis errors are translated here into StoreUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from broker.errors import StoreUnavailable
+from broker.scopes import scope_set_id
+
+__all__ = [
+    "EVENTS_CHANNEL",
+    "CachedToken",
+    "Event",
+    "EventSubscriber",
+    "Store",
+    "connect",
+    "fingerprint",
+]
+
+log = structlog.get_logger("broker.store")
+
+PREFIX = "tb:"
+EVENTS_CHANNEL = "tb:events"
+_VERSION = "v1"
+
+
+def token_key(credential: str, scope_set: str) -> str:
+    # Hash tag {credential}: one credential's keys share a cluster slot.
+    return f"{PREFIX}{{{credential}}}:tok:{scope_set_id(scope_set)}"
+
+
+def lock_key(credential: str, scope_set: str) -> str:
+    return f"{PREFIX}{{{credential}}}:lock:{scope_set_id(scope_set)}"
+
+
+def fingerprint(access_token: str) -> str:
+    """A short, non-reversible name for a token: safe for logs, events and audit."""
+    return hashlib.sha256(access_token.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedToken:
+    access_token: str
+    scope: str  # as granted by the authorization server
+    expires_at: float  # the token's real expiry (epoch seconds)
+    fresh_until: float  # expires_at - effective skew: handed out only before this
+    refresh_at: float  # refresh-ahead point, before fresh_until
+    fetched_at: float
+    fingerprint: str
+
+    def __repr__(self) -> str:
+        return f"CachedToken(fp={self.fingerprint}, scope={self.scope!r}, expires_at={self.expires_at})"
+
+    def encode(self) -> bytes:
+        # The expiry and fingerprint stay readable in front of the payload so the Lua scripts
+        # can compare without parsing JSON (and once tokens are encrypted, without the key).
+        body = json.dumps(
+            {
+                "t": self.access_token,
+                "s": self.scope,
+                "e": self.expires_at,
+                "f": self.fresh_until,
+                "r": self.refresh_at,
+                "a": self.fetched_at,
+            },
+            separators=(",", ":"),
+        )
+        return f"{_VERSION}|{int(self.expires_at * 1000)}|{self.fingerprint}|{body}".encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> CachedToken | None:
+        try:
+            version, _, fp, body = raw.decode().split("|", 3)
+            if version != _VERSION:
+                return None
+            d = json.loads(body)
+            return cls(
+                access_token=d["t"],
+                scope=d["s"],
+                expires_at=float(d["e"]),
+                fresh_until=float(d["f"]),
+                refresh_at=float(d["r"]),
+                fetched_at=float(d["a"]),
+                fingerprint=fp,
+            )
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return None  # unreadable entries are treated as a miss and overwritten
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    op: str  # "set" or "drop"
+    key: str
+    fingerprint: str
+
+
+# Write only if nothing stored expires later; publish so every worker can update its L1.
+_PUT = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local exp = tonumber(string.match(cur, '^v1|(%d+)|'))
+  if exp and exp > tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], 'set|' .. ARGV[5] .. '|' .. KEYS[1])
+return 1
+"""
+
+# Drop only the token that was reported, so a report about a replaced token is a no-op.
+_DROP_IF = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+if string.match(cur, '^v1|%d+|(%x+)|') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], 'drop|' .. ARGV[1] .. '|' .. KEYS[1])
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+def connect(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_connect_timeout=2.0,
+        socket_timeout=2.0,
+        health_check_interval=10,
+        retry_on_timeout=False,
+    )
+
+
+class Store:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._put = redis.register_script(_PUT)
+        self._drop_if = redis.register_script(_DROP_IF)
+        self._release = redis.register_script(_RELEASE)
+        self._renew = redis.register_script(_RENEW)
+
+    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis is unreachable ({type(exc).__name__}).") from exc
+
+    async def ping(self) -> bool:
+        return bool(await self._call(self.redis.ping()))
+
+    async def get(self, key: str) -> CachedToken | None:
+        raw = await self._call(self.redis.get(key))
+        return CachedToken.decode(raw) if raw else None
+
+    async def put(self, key: str, entry: CachedToken, ttl_seconds: float) -> bool:
+        """Store `entry` unless a token that expires later is already there."""
+        ttl_ms = max(1, int(ttl_seconds * 1000))
+        written = await self._call(
+            self._put(
+                keys=[key],
+                args=[
+                    int(entry.expires_at * 1000),
+                    entry.encode(),
+                    ttl_ms,
+                    EVENTS_CHANNEL,
+                    entry.fingerprint,
+                ],
+            )
+        )
+        return bool(written)
+
+    async def drop_if(self, key: str, fp: str) -> bool:
+        return bool(await self._call(self._drop_if(keys=[key], args=[fp, EVENTS_CHANNEL])))
+
+    async def acquire_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
+        return bool(await self._call(self.redis.set(key, owner, nx=True, px=int(ttl_seconds * 1000))))
+
+    async def renew_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
+        return bool(await self._call(self._renew(keys=[key], args=[owner, int(ttl_seconds * 1000)])))
+
+    async def release_lock(self, key: str, owner: str) -> None:
+        await self._call(self._release(keys=[key], args=[owner]))
+
+    async def lock_held(self, key: str) -> bool:
+        return bool(await self._call(self.redis.exists(key)))
+
+
+class EventSubscriber:
+    """Listens on the events channel and keeps `live` true only while subscribed.
+
+    While not live, the token service must not serve from L1: it could miss an invalidation.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        on_event: Callable[[Event], None],
+        on_state: Callable[[bool], None],
+    ) -> None:
+        self.redis = redis
+        self.on_event = on_event
+        self.on_state = on_state
+        self.live = False
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="tb-events")
+
+    async def wait_live(self, seconds: float) -> bool:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._subscribed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _set_live(self, live: bool) -> None:
+        if live != self.live:
+            self.live = live
+            self.on_state(live)
+        if live:
+            self._subscribed.set()
+        else:
+            self._subscribed.clear()
+
+    async def _run(self) -> None:
+        delay = 0.1
+        warned = False
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=False)
+            try:
+                await pubsub.subscribe(EVENTS_CHANNEL)
+                async for message in pubsub.listen():
+                    kind = message.get("type")
+                    if kind == "subscribe":
+                        self._set_live(True)
+                        delay, warned = 0.1, False
+                        log.debug("store.events_subscribed")
+                    elif kind == "message":
+                        event = self._parse(message.get("data"))
+                        if event is not None:
+                            self.on_event(event)
+            except asyncio.CancelledError:
+                self._set_live(False)
+                await self._close(pubsub)
+                raise
+            except (RedisError, OSError) as exc:
+                self._set_live(False)
+                if not warned:
+                    log.warning("store.events_unsubscribed", reason=type(exc).__name__)
+                    warned = True
+            await self._close(pubsub)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    @staticmethod
+    async def _close(pubsub: Any) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await pubsub.aclose()
+
+    @staticmethod
+    def _parse(data: Any) -> Event | None:
+        if not isinstance(data, bytes):
+            return None
+        try:
+            op, fp, key = data.decode().split("|", 2)
+        except ValueError:
+            return None
+        return Event(op=op, key=key, fingerprint=fp)

@@ -1,0 +1,297 @@
+"""The token service: L1 → L2 → single-flight fetch, refresh-ahead, invalidation (spec §4).
+
+get ─▶ L1 (this worker, only while subscribed to events) ─▶ L2 (Redis) ─▶ LocalFlight
+      ─▶ DistributedFlight (lock, double-check) ─▶ upstream ─▶ L2 write (newer wins) ─▶ event
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import structlog
+
+from broker.clock import Clock, SystemClock
+from broker.errors import StoreUnavailable, UpstreamError
+from broker.settings import CacheSettings, CredentialSettings
+from broker.singleflight import DistributedFlight, LocalFlight
+from broker.store import CachedToken, Event, Store, fingerprint, lock_key, token_key
+from broker.upstream import FetchedToken, UpstreamClient
+
+__all__ = ["Source", "TokenService", "cache_window", "effective_skew", "is_fresh"]
+
+log = structlog.get_logger("broker.tokens")
+
+Source = Literal["l1", "l2", "fetched", "coalesced"]
+
+MIN_CACHEABLE_LIFETIME = 2.0
+RECENT_FETCH = 1.0  # a token this young satisfies any min_ttl (spec §3.1)
+_REFRESH_RETRY_FIRST = 1.0
+_REFRESH_RETRY_MAX = 30.0
+
+
+def effective_skew(lifetime: float, skew: float) -> float:
+    """min(skew, lifetime/4): short-lived tokens are still cached for 3/4 of their life."""
+    return min(skew, lifetime / 4)
+
+
+def cache_window(lifetime: float, skew: float) -> float:
+    """How long a token may be handed out after it was issued (the Redis TTL at write time)."""
+    return lifetime - effective_skew(lifetime, skew)
+
+
+def is_fresh(entry: CachedToken, now: float) -> bool:
+    return now < entry.fresh_until
+
+
+class L1Cache:
+    """A bounded LRU dict of this worker's copies of L2 entries."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, CachedToken] = OrderedDict()
+
+    def get(self, key: str) -> CachedToken | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: CachedToken) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def drop(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass
+class Stats:
+    """Counters for what the token service did (exported as metrics by a later layer)."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)
+    upstream_requests: int = 0
+
+    def count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+class TokenService:
+    def __init__(
+        self,
+        credentials: Mapping[str, CredentialSettings],
+        cache: CacheSettings,
+        store: Store,
+        upstream: UpstreamClient,
+        *,
+        request_deadline: float,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.cache = cache
+        self.store = store
+        self.upstream = upstream
+        self.request_deadline = request_deadline
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self.l1 = L1Cache(cache.l1_max_entries)
+        self.l1_enabled = False  # true only while this worker is subscribed to events
+        self.flights: LocalFlight[tuple[CachedToken, Source]] = LocalFlight()
+        self.distributed = DistributedFlight(store, cache.lock_ttl_seconds)
+        self.stats = Stats()
+        self._refresh_not_before: dict[str, float] = {}
+        self._refresh_delay: dict[str, float] = {}
+
+    # -- events -------------------------------------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        cached = self.l1.get(event.key)
+        # "set": another token replaced ours; "drop": ours was invalidated
+        if cached is not None and (cached.fingerprint == event.fingerprint) == (event.op == "drop"):
+            self.l1.drop(event.key)
+        self.distributed.notify(event)
+
+    def on_subscription(self, live: bool) -> None:
+        # Any event may have been missed while unsubscribed: start L1 from nothing.
+        self.l1.clear()
+        self.l1_enabled = live
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def get_l1(self, credential: str, scope_set: str, min_ttl: float) -> CachedToken | None:
+        """A hit from this worker's memory with no I/O at all, or None."""
+        if not self.l1_enabled:
+            return None
+        key = token_key(credential, scope_set)
+        entry = self.l1.get(key)
+        if entry is None:
+            return None
+        now = self.clock.now()
+        if not self._satisfies(entry, now, min_ttl):
+            return None
+        if now >= entry.refresh_at:
+            self._refresh_ahead(credential, scope_set, key, entry)
+        return entry
+
+    async def get(
+        self, credential: CredentialSettings, scope_set: str, min_ttl: float = 0.0
+    ) -> tuple[CachedToken, Source]:
+        entry = self.get_l1(credential.name, scope_set, min_ttl)
+        if entry is not None:
+            return entry, "l1"
+        key = token_key(credential.name, scope_set)
+        now = self.clock.now()
+        try:
+            entry = await self.store.get(key)
+        except StoreUnavailable:
+            entry = None
+        if entry is not None and self._satisfies(entry, now, min_ttl):
+            if self.l1_enabled:
+                self.l1.put(key, entry)
+            if now >= entry.refresh_at:
+                self._refresh_ahead(credential.name, scope_set, key, entry, credential)
+            return entry, "l2"
+
+        def accept(candidate: CachedToken) -> bool:
+            return self._satisfies(candidate, self.clock.now(), min_ttl)
+
+        deadline = time.monotonic() + self.request_deadline
+        (entry, source), led = await self.flights.run(
+            key, lambda: self._fetch(credential, scope_set, key, accept, deadline)
+        )
+        return entry, (source if led else "coalesced")
+
+    def _satisfies(self, entry: CachedToken, now: float, min_ttl: float) -> bool:
+        if not is_fresh(entry, now):
+            return False
+        return entry.expires_at - now >= min_ttl or now - entry.fetched_at < RECENT_FETCH
+
+    # -- fetching -----------------------------------------------------------------------------
+
+    async def _fetch(
+        self,
+        credential: CredentialSettings,
+        scope_set: str,
+        key: str,
+        accept: Callable[[CachedToken], bool],
+        deadline: float,
+    ) -> tuple[CachedToken, Source]:
+        async def fetch_and_store() -> CachedToken:
+            fetched = await self.upstream.fetch(credential, scope_set, deadline)
+            self.stats.upstream_requests += 1
+            entry = self._entry_from(fetched)
+            await self._store(key, entry)
+            return entry
+
+        try:
+            entry, fetched_here = await self.distributed.run(
+                key, lock_key(credential.name, scope_set), accept, fetch_and_store, deadline
+            )
+        except StoreUnavailable:
+            # Redis is down: availability wins, fetch with in-process single-flight only.
+            log.warning("tokens.store_unavailable_fetching_locally", credential=credential.name)
+            fetched = await self.upstream.fetch(credential, scope_set, deadline)
+            self.stats.upstream_requests += 1
+            return self._entry_from(fetched), "fetched"
+        if self.l1_enabled and entry.fresh_until - self.clock.now() > 0:
+            self.l1.put(key, entry)
+        self._refresh_delay.pop(key, None)
+        return entry, ("fetched" if fetched_here else "l2")
+
+    def _entry_from(self, fetched: FetchedToken) -> CachedToken:
+        window = cache_window(fetched.lifetime, self.cache.skew_seconds)
+        low, high = self.cache.refresh_at
+        return CachedToken(
+            access_token=fetched.access_token,
+            scope=fetched.scope,
+            expires_at=fetched.expires_at,
+            fresh_until=fetched.issued_at + window,
+            refresh_at=fetched.issued_at + self.rng.uniform(low, high) * window,
+            fetched_at=self.clock.now(),
+            fingerprint=fingerprint(fetched.access_token),
+        )
+
+    async def _store(self, key: str, entry: CachedToken) -> None:
+        ttl = entry.fresh_until - self.clock.now()
+        if entry.expires_at - entry.fetched_at < MIN_CACHEABLE_LIFETIME or ttl <= 0:
+            return  # too short-lived to share: the caller that fetched it gets it, nobody else
+        await self.store.put(key, entry, ttl)
+
+    # -- refresh-ahead ----------------------------------------------------------------------------
+
+    def _refresh_ahead(
+        self,
+        credential_name: str,
+        scope_set: str,
+        key: str,
+        current: CachedToken,
+        credential: CredentialSettings | None = None,
+    ) -> None:
+        if self.flights.running(key):
+            return
+        now = time.monotonic()
+        if now < self._refresh_not_before.get(key, 0.0):
+            return
+        credential = credential or self.credentials.get(credential_name)
+        if credential is None:
+            return
+
+        def accept(candidate: CachedToken) -> bool:
+            # Someone else already refreshed: their token is newer than the one we saw.
+            return candidate.fingerprint != current.fingerprint and is_fresh(candidate, self.clock.now())
+
+        deadline = now + self.request_deadline
+        task = self.flights.start(key, lambda: self._fetch(credential, scope_set, key, accept, deadline))
+        if task is not None:
+            task.add_done_callback(lambda t: self._refresh_done(key, credential_name, t))
+
+    def _refresh_done(self, key: str, credential_name: str, task: asyncio.Task[tuple[CachedToken, Source]]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self._refresh_not_before.pop(key, None)
+            return
+        delay = min(self._refresh_delay.get(key, _REFRESH_RETRY_FIRST / 2) * 2, _REFRESH_RETRY_MAX)
+        self._refresh_delay[key] = delay
+        self._refresh_not_before[key] = time.monotonic() + delay
+        reason = exc.description if isinstance(exc, UpstreamError) else type(exc).__name__
+        log.warning("tokens.refresh_failed", credential=credential_name, retry_in=delay, reason=reason)
+
+    # -- invalidation -----------------------------------------------------------------------------
+
+    async def invalidate(self, credential: CredentialSettings, scope_set: str, access_token: str) -> bool:
+        """Drop the cached token only if it is the one reported; then refresh it in the background."""
+        key = token_key(credential.name, scope_set)
+        fp = fingerprint(access_token)
+        cached = self.l1.get(key)
+        if cached is not None and cached.fingerprint == fp:
+            self.l1.drop(key)
+        dropped = await self.store.drop_if(key, fp)
+        if dropped:
+            dropped_entry = CachedToken(
+                access_token="",
+                scope="",
+                expires_at=0.0,
+                fresh_until=0.0,
+                refresh_at=0.0,
+                fetched_at=0.0,
+                fingerprint=fp,
+            )
+            self._refresh_not_before.pop(key, None)
+            self._refresh_ahead(credential.name, scope_set, key, dropped_entry, credential)
+        return dropped

@@ -1,0 +1,214 @@
+"""The token request itself: endpoint discovery, one POST per attempt, retries within a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass
+
+import httpx
+import structlog
+
+from broker.clock import Clock, SystemClock
+from broker.errors import UpstreamInvalidResponse, UpstreamUnavailable
+from broker.settings import CredentialSettings, UpstreamSettings
+from broker.upstream.auth import client_auth_for
+from broker.upstream.response import (
+    MAX_BODY_BYTES,
+    FetchedToken,
+    classify_error,
+    parse_token_response,
+)
+
+__all__ = ["UpstreamClient", "new_http_client"]
+
+log = structlog.get_logger("broker.upstream")
+
+_BACKOFF_BASE = 0.2
+_BACKOFF_CAP = 5.0
+
+
+def new_http_client(settings: UpstreamSettings) -> httpx.AsyncClient:
+    """The one shared HTTP client of a process: timeouts, a pool, no redirects, no env proxies."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.timeout_seconds, connect=settings.connect_timeout_seconds),
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        follow_redirects=False,
+        trust_env=False,
+        headers={"User-Agent": "token-broker", "Accept": "application/json"},
+    )
+
+
+@dataclass
+class _Discovered:
+    token_endpoint: str
+    fetched_at: float
+
+
+class _Body:
+    """A response body read with a size cap, so a huge answer cannot exhaust memory."""
+
+    @staticmethod
+    async def read(response: httpx.Response) -> bytes:
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise UpstreamInvalidResponse("The authorization server's answer is larger than 64 KiB.")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise UpstreamInvalidResponse("The authorization server's answer is larger than 64 KiB.")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        settings: UpstreamSettings,
+        *,
+        default_expires_in: float,
+        clock: Clock | None = None,
+    ) -> None:
+        self.http = http
+        self.settings = settings
+        self.default_expires_in = default_expires_in
+        self.clock = clock or SystemClock()
+        self._discovered: dict[str, _Discovered] = {}
+        self._discovery_locks: dict[str, asyncio.Lock] = {}
+
+    async def fetch(self, credential: CredentialSettings, scope_set: str, deadline: float) -> FetchedToken:
+        """One token for (credential, scope set), retrying transient failures until `deadline`.
+
+        `deadline` is a time.monotonic() value. Raises an UpstreamError subclass.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._attempt(credential, scope_set, deadline, attempt)
+            except UpstreamUnavailable as exc:
+                remaining = deadline - time.monotonic()
+                if attempt >= self.settings.max_attempts or remaining <= 0:
+                    raise
+                backoff = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (attempt - 1)))  # noqa: S311
+                delay = max(backoff, exc.retry_after or 0.0)
+                if delay >= remaining:
+                    raise
+                log.info(
+                    "upstream.retry",
+                    credential=credential.name,
+                    attempt=attempt,
+                    delay=round(delay, 3),
+                    reason=exc.description,
+                )
+                await asyncio.sleep(delay)
+
+    async def _attempt(
+        self, credential: CredentialSettings, scope_set: str, deadline: float, attempt: int
+    ) -> FetchedToken:
+        token_url = await self.token_endpoint(credential, deadline)
+        form: dict[str, str] = {"grant_type": "client_credentials"}
+        if scope_set:
+            form["scope"] = scope_set
+        if credential.audience:
+            form["audience"] = credential.audience
+        if credential.resource:
+            form["resource"] = credential.resource
+        form.update(credential.extra_params)
+        headers: dict[str, str] = {}
+        client_auth_for(credential.auth_method).apply(credential, form, headers)
+
+        issued_at = self.clock.now()
+        started = time.monotonic()
+        status: int | str = "error"
+        try:
+            async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                async with self.http.stream("POST", token_url, data=form, headers=headers) as response:
+                    status = response.status_code
+                    body = await _Body.read(response)
+                    content_type = response.headers.get("content-type")
+                    retry_after = response.headers.get("retry-after")
+        except TimeoutError:
+            raise UpstreamUnavailable("The authorization server did not answer in time.") from None
+        except httpx.TimeoutException:
+            raise UpstreamUnavailable("The authorization server did not answer in time.") from None
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(
+                f"The authorization server could not be reached ({type(exc).__name__})."
+            ) from None
+        finally:
+            log.info(
+                "upstream.token_request",
+                credential=credential.name,
+                status=status,
+                attempt=attempt,
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+        if status == 200:
+            return parse_token_response(
+                content_type,
+                body,
+                requested_scope=scope_set,
+                issued_at=issued_at,
+                default_expires_in=self.default_expires_in,
+            )
+        error = classify_error(int(status), content_type, body, retry_after)
+        raise error
+
+    @staticmethod
+    def _loop_deadline(deadline: float) -> float:
+        """asyncio.timeout_at takes loop time; convert from time.monotonic()."""
+        loop = asyncio.get_running_loop()
+        return loop.time() + (deadline - time.monotonic())
+
+    async def token_endpoint(self, credential: CredentialSettings, deadline: float) -> str:
+        if credential.token_url:
+            return credential.token_url
+        issuer = credential.issuer
+        assert issuer is not None  # noqa: S101 - settings guarantee one of the two
+        cached = self._discovered.get(issuer)
+        if cached and time.monotonic() - cached.fetched_at < self.settings.discovery_ttl_seconds:
+            return cached.token_endpoint
+        lock = self._discovery_locks.setdefault(issuer, asyncio.Lock())
+        async with lock:
+            cached = self._discovered.get(issuer)
+            if cached and time.monotonic() - cached.fetched_at < self.settings.discovery_ttl_seconds:
+                return cached.token_endpoint
+            endpoint = await self._discover(issuer, deadline)
+            self._discovered[issuer] = _Discovered(endpoint, time.monotonic())
+            return endpoint
+
+    async def _discover(self, issuer: str, deadline: float) -> str:
+        url = f"{issuer}/.well-known/openid-configuration"
+        try:
+            async with asyncio.timeout_at(self._loop_deadline(deadline)):
+                async with self.http.stream("GET", url) as response:
+                    body = await _Body.read(response)
+                    status = response.status_code
+        except (TimeoutError, httpx.TimeoutException):
+            raise UpstreamUnavailable("The authorization server's discovery document timed out.") from None
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(
+                f"The authorization server could not be reached for discovery ({type(exc).__name__})."
+            ) from None
+        if status == 429 or status >= 500:
+            raise UpstreamUnavailable(f"The authorization server's discovery answered HTTP {status}.")
+        if status != 200:
+            raise UpstreamInvalidResponse(f"The authorization server's discovery answered HTTP {status}.")
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise UpstreamInvalidResponse("The discovery document is not JSON.") from None
+        if not isinstance(doc, dict):
+            raise UpstreamInvalidResponse("The discovery document is not a JSON object.")
+        if str(doc.get("issuer", "")).rstrip("/") != issuer:
+            raise UpstreamInvalidResponse("The discovery document names a different issuer.")
+        endpoint = doc.get("token_endpoint")
+        if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
+            raise UpstreamInvalidResponse("The discovery document has no usable token_endpoint.")
+        return endpoint

@@ -1,0 +1,186 @@
+"""Reading the authorization server's answer: a valid token, or the precise reason it is not.
+
+Pure functions over (status, headers, body) so they can be tested without a network.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from broker.errors import UpstreamInvalidResponse, UpstreamRejected, UpstreamUnavailable
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_LIFETIME",
+    "FetchedToken",
+    "classify_error",
+    "jwt_exp",
+    "lifetime_from",
+    "parse_retry_after",
+    "parse_token_response",
+]
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_LIFETIME = 366 * 24 * 3600  # an expires_in beyond a year is a bug upstream, not a token
+TERMINAL_ERRORS = frozenset(
+    {
+        "invalid_client",
+        "unauthorized_client",
+        "invalid_scope",
+        "invalid_grant",
+        "unsupported_grant_type",
+        "invalid_request",
+        "access_denied",
+    }
+)
+
+
+@dataclass(frozen=True)
+class FetchedToken:
+    access_token: str  # always a Bearer token: anything else is refused
+    scope: str  # what the authorization server granted (may be narrower than asked)
+    lifetime: float  # seconds, from expires_in / JWT exp / default
+    issued_at: float  # wall-clock time the request was sent: conservative start of the lifetime
+
+    @property
+    def expires_at(self) -> float:
+        return self.issued_at + self.lifetime
+
+    def __repr__(self) -> str:
+        return f"FetchedToken(scope={self.scope!r}, lifetime={self.lifetime})"
+
+
+def jwt_exp(token: str) -> float | None:
+    """The `exp` claim of a JWT, read without verifying it (we only use it as a lifetime hint)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (ValueError, TypeError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, int | float) and not isinstance(exp, bool):
+        return float(exp)
+    return None
+
+
+def lifetime_from(expires_in: Any, access_token: str, now: float, default: float) -> float:
+    """Token lifetime per spec §4.2. Raises UpstreamInvalidResponse for a bad expires_in."""
+    if expires_in is None:
+        exp = jwt_exp(access_token)
+        if exp is None:
+            return default
+        lifetime = exp - now
+        if lifetime <= 0:
+            raise UpstreamInvalidResponse("The authorization server issued a token that has already expired.")
+        return min(lifetime, MAX_LIFETIME)
+    if isinstance(expires_in, bool):
+        raise UpstreamInvalidResponse("The authorization server sent a non-numeric expires_in.")
+    if isinstance(expires_in, str):
+        try:
+            expires_in = float(expires_in.strip())
+        except ValueError:
+            raise UpstreamInvalidResponse("The authorization server sent a non-numeric expires_in.") from None
+    if not isinstance(expires_in, int | float) or not math.isfinite(expires_in):
+        raise UpstreamInvalidResponse("The authorization server sent a non-numeric expires_in.")
+    if expires_in <= 0:
+        raise UpstreamInvalidResponse("The authorization server sent a non-positive expires_in.")
+    if expires_in > MAX_LIFETIME:
+        raise UpstreamInvalidResponse("The authorization server sent an expires_in longer than a year.")
+    return float(expires_in)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def parse_token_response(
+    content_type: str | None,
+    body: bytes,
+    *,
+    requested_scope: str,
+    issued_at: float,
+    default_expires_in: float,
+) -> FetchedToken:
+    """A 200 answer to a token request → FetchedToken, or UpstreamInvalidResponse."""
+    if len(body) > MAX_BODY_BYTES:
+        raise UpstreamInvalidResponse("The authorization server's answer is larger than 64 KiB.")
+    if not _is_json(content_type):
+        raise UpstreamInvalidResponse("The authorization server did not answer with JSON.")
+    data = _json_object(body)
+    if data is None:
+        raise UpstreamInvalidResponse("The authorization server's answer is not a JSON object.")
+    token = data.get("access_token")
+    if not isinstance(token, str) or not token.strip():
+        raise UpstreamInvalidResponse("The authorization server's answer has no access_token.")
+    if len(token) > 16384 or not token.isascii() or not token.isprintable():
+        raise UpstreamInvalidResponse("The authorization server's access_token is not a printable token.")
+    token_type = data.get("token_type")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise UpstreamInvalidResponse("The authorization server issued a token that is not a Bearer token.")
+    scope = data.get("scope")
+    if scope is None:
+        granted = requested_scope  # RFC 6749 §5.1: omitted means as requested
+    elif isinstance(scope, str):
+        granted = " ".join(sorted(set(scope.split())))
+    else:
+        raise UpstreamInvalidResponse("The authorization server sent a scope that is not a string.")
+    lifetime = lifetime_from(data.get("expires_in"), token, issued_at, default_expires_in)
+    return FetchedToken(
+        access_token=token,
+        scope=granted,
+        lifetime=lifetime,
+        issued_at=issued_at,
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # HTTP-date form: rare at token endpoints; fall back to our own backoff
+    return seconds if 0 <= seconds < 3600 else None
+
+
+def classify_error(status: int, content_type: str | None, body: bytes, retry_after: str | None) -> Exception:
+    """A non-200 answer → the error it stands for: rejected (terminal), unavailable (transient) or invalid."""
+    if status == 429 or status >= 500:
+        return UpstreamUnavailable(
+            f"The authorization server answered HTTP {status}.",
+            retry_after=parse_retry_after(retry_after),
+        )
+    data = _json_object(body) if _is_json(content_type) or body.startswith(b"{") else None
+    code = data.get("error") if data else None
+    if status in (400, 401, 403) and isinstance(code, str) and code.isascii() and len(code) <= 64:
+        code = code if code in TERMINAL_ERRORS else code.strip() or None
+        return UpstreamRejected(
+            f"The authorization server refused the token request ({code or 'no error code'}).",
+            upstream_error=code,
+            upstream_status=status,
+        )
+    if status in (401, 403):
+        return UpstreamRejected(
+            f"The authorization server refused the client's authentication (HTTP {status}).",
+            upstream_error=None,
+            upstream_status=status,
+        )
+    if 300 <= status < 400:
+        return UpstreamInvalidResponse(f"The authorization server answered with a redirect (HTTP {status}).")
+    return UpstreamInvalidResponse(f"The authorization server answered HTTP {status} without an OAuth error.")

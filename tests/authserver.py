@@ -1,0 +1,447 @@
+"""Test OAuth 2.0 authorization server: client credentials grant plus fault switches.
+
+Run as ``python -m tests.authserver --port N [--host 127.0.0.1]``. Tests drive it over HTTP
+through ``/_control/*`` (see tests/support.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import enum
+import hmac
+import time
+import uuid
+from collections import deque
+from typing import Any, Final
+from urllib.parse import parse_qsl, unquote_plus
+
+import uvicorn
+from joserfc import jwt
+from joserfc.jwk import KeySet, RSAKey
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+CLIENT_ID: Final = "test-client"
+CLIENT_SECRET: Final = "test-secret"
+# Characters that break Basic auth unless id and secret are form-urlencoded first (RFC 6749 §2.3.1).
+WEIRD_CLIENT_ID: Final = "weird id:é+&"
+WEIRD_CLIENT_SECRET: Final = "s3cr%t:+&= é"
+CLIENTS: Final = {CLIENT_ID: CLIENT_SECRET, WEIRD_CLIENT_ID: WEIRD_CLIENT_SECRET}
+
+DEFAULT_AUDIENCE: Final = "test-api"
+DEFAULT_SCOPE: Final = "urn:default"
+HUGE_BODY_BYTES: Final = 2 * 1024 * 1024
+FAULTS: Final = frozenset(
+    {
+        "none",
+        "500",
+        "503",
+        "429",
+        "bad_json",
+        "html",
+        "array",
+        "missing_token",
+        "empty_token",
+        "invalid_client",
+        "invalid_scope",
+        "unauthorized_client",
+        "invalid_grant",
+        "401_empty",
+        "403_empty",
+        "huge",
+        "redirect",
+        "close",
+    }
+)
+_CLOSE_KEY: Final = "authserver.close_connection"
+_FORM_TYPE: Final = "application/x-www-form-urlencoded"
+
+
+class ExpiresIn(enum.Enum):
+    DEFAULT = "default"  # send the configured lifetime
+    OMIT = "omit"  # leave expires_in out of the response
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    lifetime: int = 3600
+    expires_in: Any = ExpiresIn.DEFAULT
+    delay: float = 0.0
+    fault: str = "none"
+    fault_count: int | None = None
+    token_type: str = "Bearer"
+    grant_scope: str | None = None
+
+    def updated(self, changes: object) -> Config:
+        if not isinstance(changes, dict):
+            raise TypeError("config must be a JSON object")
+        types: dict[str, tuple[type, ...]] = {
+            "lifetime": (int,),
+            "delay": (int, float),
+            "fault": (str,),
+            "fault_count": (int, type(None)),
+            "token_type": (str,),
+            "grant_scope": (str, type(None)),
+        }
+        for name, value in changes.items():
+            if name == "expires_in":
+                continue  # any JSON value, sent verbatim
+            if name not in types:
+                raise ValueError(f"unknown config key {name!r}")
+            if isinstance(value, bool) or not isinstance(value, types[name]):
+                raise TypeError(f"bad type for {name}: {value!r}")
+        if changes.get("fault", "none") not in FAULTS:
+            raise ValueError(f"unknown fault {changes['fault']!r}; known: {sorted(FAULTS)}")
+        if (changes.get("fault_count") or 0) < 0:
+            raise ValueError("fault_count must be >= 0")
+        changes = dict(changes)
+        if "expires_in" in changes and changes["expires_in"] is None:
+            changes["expires_in"] = ExpiresIn.OMIT
+        # A newly set fault lasts forever unless the same call limits it.
+        if "fault" in changes:
+            changes.setdefault("fault_count", None)
+        return dataclasses.replace(self, **changes)
+
+    def as_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if self.expires_in is ExpiresIn.DEFAULT:
+            del data["expires_in"]
+        elif self.expires_in is ExpiresIn.OMIT:
+            data["expires_in"] = None
+        return data
+
+
+class State:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.config = Config()
+        self.token_requests = 0
+        self.discovery_requests = 0
+        self.jwks_requests = 0
+        self.elsewhere_requests = 0
+        self.requests: deque[dict[str, Any]] = deque(maxlen=1000)
+
+    def take_fault(self) -> str:
+        fault, count = self.config.fault, self.config.fault_count
+        if count is None:
+            return fault
+        if count <= 1:
+            self.config = dataclasses.replace(self.config, fault="none", fault_count=None)
+        else:
+            self.config = dataclasses.replace(self.config, fault_count=count - 1)
+        return fault if count >= 1 else "none"
+
+
+class OAuthError(Exception):
+    def __init__(self, status: int, error: str, description: str) -> None:
+        super().__init__(description)
+        self.status, self.error, self.description = status, error, description
+
+    def response(self) -> Response:
+        headers = {"WWW-Authenticate": 'Basic realm="authserver"'} if self.status == 401 else {}
+        return _json(
+            {"error": self.error, "error_description": self.description}, self.status, headers
+        )
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        body, status, headers={"Cache-Control": "no-store", "Pragma": "no-cache", **(headers or {})}
+    )
+
+
+class _CloseConnection(Response):
+    """Sends nothing; AuthServer.__call__ then makes uvicorn drop the connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[_CLOSE_KEY] = True
+
+
+def _parse_form(content_type: str, body: bytes) -> tuple[dict[str, str], str | None]:
+    """Best-effort form fields plus what is wrong with the request body, if anything."""
+    try:
+        pairs = parse_qsl(body.decode("ascii"), keep_blank_values=True, errors="strict")
+    except ValueError:
+        return {}, "request body is not ASCII form-urlencoded data with UTF-8 escapes"
+    names = [name for name, _ in pairs]
+    if content_type.split(";", maxsplit=1)[0].strip().lower() != _FORM_TYPE:
+        return dict(pairs), f"Content-Type must be {_FORM_TYPE}"
+    if len(set(names)) != len(names):
+        return dict(pairs), "request parameters must not be repeated"
+    return dict(pairs), None
+
+
+def _basic_credentials(header: str) -> tuple[str, str]:
+    scheme, _, param = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        raise ValueError("not Basic")
+    decoded = base64.b64decode(param.strip(), validate=True).decode("utf-8")
+    raw_id, sep, raw_secret = decoded.partition(":")
+    if not sep:
+        raise ValueError("no ':' in Basic credentials")
+    return unquote_plus(raw_id, errors="strict"), unquote_plus(raw_secret, errors="strict")
+
+
+@dataclasses.dataclass
+class TokenRequest:
+    form: dict[str, str]
+    auth: str  # "basic" | "post" | "none"
+    client_id: str | None = None
+    client_secret: str | None = None
+    problem: OAuthError | None = None  # first thing found wrong, reported after any fault
+
+    @classmethod
+    def read(cls, headers: Headers, body: bytes) -> TokenRequest:
+        form, form_problem = _parse_form(headers.get("content-type", ""), body)
+        req = cls(form, "none")
+        if form_problem:
+            req.problem = OAuthError(400, "invalid_request", form_problem)
+        if (authorization := headers.get("authorization")) is not None:
+            req.auth = "basic"
+            try:
+                req.client_id, req.client_secret = _basic_credentials(authorization)
+            except ValueError:
+                req.problem = req.problem or OAuthError(
+                    401, "invalid_client", "malformed Basic credentials"
+                )
+            if "client_secret" in form:
+                req.problem = req.problem or OAuthError(
+                    400, "invalid_request", "more than one client authentication method"
+                )
+        elif "client_id" in form:
+            req.auth = "post"
+            req.client_id, req.client_secret = form["client_id"], form.get("client_secret")
+        return req
+
+    def authenticated_client(self) -> str:
+        if self.problem:
+            raise self.problem
+        expected = CLIENTS.get(self.client_id or "")
+        if (
+            self.client_id is None
+            or expected is None
+            or self.client_secret is None
+            or not hmac.compare_digest(expected.encode(), self.client_secret.encode())
+        ):
+            raise OAuthError(401, "invalid_client", "client authentication failed")
+        return self.client_id
+
+
+class AuthServer:
+    def __init__(self, issuer: str) -> None:
+        self.issuer = issuer.rstrip("/")
+        kid = f"test-{uuid.uuid4().hex[:8]}"
+        self.key = RSAKey.generate_key(2048, parameters={"kid": kid, "use": "sig", "alg": "RS256"})
+        self.jwks = KeySet([self.key]).as_dict(private=False)
+        self.state = State()
+        self.app = Starlette(
+            routes=[
+                Route("/.well-known/openid-configuration", self.discovery),
+                Route("/jwks", self.jwks_endpoint),
+                Route("/oauth/token", self.token, methods=["POST"]),
+                Route("/elsewhere", self.elsewhere, methods=["GET", "POST"]),
+                Route("/_control/config", self.control_config, methods=["POST"]),
+                Route("/_control/stats", self.control_stats),
+                Route("/_control/reset", self.control_reset, methods=["POST"]),
+                Route("/_control/health", self.control_health),
+            ]
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> str | None:
+        await self.app(scope, receive, send)
+        if scope.get(_CLOSE_KEY):
+            # uvicorn closes the transport without answering when the app returns non-None.
+            return "fault=close: connection dropped on purpose"
+        return None
+
+    async def discovery(self, request: Request) -> Response:
+        self.state.discovery_requests += 1
+        return _json(
+            {
+                "issuer": self.issuer,
+                "token_endpoint": f"{self.issuer}/oauth/token",
+                "jwks_uri": f"{self.issuer}/jwks",
+                "grant_types_supported": ["client_credentials"],
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_basic",
+                    "client_secret_post",
+                ],
+            }
+        )
+
+    async def jwks_endpoint(self, request: Request) -> Response:
+        self.state.jwks_requests += 1
+        return _json(self.jwks)
+
+    async def elsewhere(self, request: Request) -> Response:
+        # Answers like a token endpoint so that a client wrongly following the redirect shows up.
+        self.state.elsewhere_requests += 1
+        return _json({"access_token": "followed-redirect", "token_type": "Bearer"})
+
+    async def token(self, request: Request) -> Response:
+        arrival = time.time()
+        state = self.state
+        state.token_requests += 1
+        config = state.config
+        fault = state.take_fault()
+        req = TokenRequest.read(request.headers, await request.body())
+        state.requests.append(
+            {
+                "scope": req.form.get("scope"),
+                "auth": req.auth,
+                "client_id": req.client_id,
+                "form": {k: v for k, v in req.form.items() if k != "client_secret"},
+                "t": arrival,
+            }
+        )
+        if config.delay > 0:
+            await asyncio.sleep(config.delay)
+        if fault != "none":
+            return self._fault(fault)
+        try:
+            return self._issue(req.authenticated_client(), req.form, config)
+        except OAuthError as exc:
+            return exc.response()
+
+    def _issue(self, client_id: str, form: dict[str, str], config: Config) -> Response:
+        grant_type = form.get("grant_type")
+        if grant_type is None:
+            raise OAuthError(400, "invalid_request", "missing grant_type")
+        if grant_type != "client_credentials":
+            raise OAuthError(400, "unsupported_grant_type", f"unsupported: {grant_type!r}")
+        requested = form.get("scope", "")
+        scopes = requested.split()
+        if bad := [s for s in scopes if not s.startswith("urn:")]:
+            raise OAuthError(400, "invalid_scope", f"scope not allowed: {' '.join(bad)}")
+        scope = requested if scopes else DEFAULT_SCOPE
+        granted = config.grant_scope if config.grant_scope is not None else scope
+
+        now = int(time.time())
+        claims = {
+            "iss": self.issuer,
+            "sub": client_id,
+            "client_id": client_id,
+            "aud": form.get("audience", DEFAULT_AUDIENCE),
+            "scope": granted,
+            "iat": now,
+            "exp": now + config.lifetime,
+            "jti": uuid.uuid4().hex,
+        }
+        header = {"alg": "RS256", "kid": self.key.kid, "typ": "at+jwt"}
+        body: dict[str, Any] = {
+            "access_token": jwt.encode(header, claims, self.key),
+            "token_type": config.token_type,
+        }
+        if config.expires_in is ExpiresIn.DEFAULT:
+            body["expires_in"] = config.lifetime
+        elif config.expires_in is not ExpiresIn.OMIT:
+            body["expires_in"] = config.expires_in
+        body["scope"] = granted
+        return _json(body)
+
+    def _fault(self, fault: str) -> Response:
+        retry_after = {"Retry-After": "1"}
+        match fault:
+            case "500":
+                return PlainTextResponse("internal server error", 500)
+            case "503":
+                return PlainTextResponse("service unavailable", 503, headers=retry_after)
+            case "429":
+                return PlainTextResponse("too many requests", 429, headers=retry_after)
+            case "bad_json":
+                return Response('{"access_token": ', 200, media_type="application/json")
+            case "html":
+                return HTMLResponse("<html><body><h1>502 Bad Gateway</h1></body></html>")
+            case "array":
+                return _json([])
+            case "missing_token":
+                return _json({"token_type": "Bearer", "expires_in": 3600})
+            case "empty_token":
+                return _json({"access_token": "", "token_type": "Bearer", "expires_in": 3600})
+            case "invalid_client":
+                return OAuthError(401, fault, "injected fault").response()
+            case "invalid_scope" | "unauthorized_client" | "invalid_grant":
+                return OAuthError(400, fault, "injected fault").response()
+            case "401_empty":
+                return Response(b"", 401)
+            case "403_empty":
+                return Response(b"", 403)
+            case "huge":
+                return _json(
+                    {
+                        "access_token": "huge",
+                        "token_type": "Bearer",
+                        "expires_in": 3600,
+                        "padding": "x" * HUGE_BODY_BYTES,
+                    }
+                )
+            case "redirect":
+                return RedirectResponse(f"{self.issuer}/elsewhere", 302)
+            case "close":
+                return _CloseConnection()
+        raise AssertionError(f"unhandled fault {fault!r}")
+
+    async def control_config(self, request: Request) -> Response:
+        try:
+            self.state.config = self.state.config.updated(await request.json())
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"error": str(exc)}, 400)
+        return JSONResponse(self.state.config.as_json())
+
+    async def control_stats(self, request: Request) -> Response:
+        state = self.state
+        return JSONResponse(
+            {
+                "token_requests": state.token_requests,
+                "discovery_requests": state.discovery_requests,
+                "jwks_requests": state.jwks_requests,
+                "elsewhere_requests": state.elsewhere_requests,
+                "requests": list(state.requests),
+            }
+        )
+
+    async def control_reset(self, request: Request) -> Response:
+        self.state.reset()
+        return JSONResponse(self.state.config.as_json())
+
+    async def control_health(self, request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    server = AuthServer(f"http://{args.host}:{args.port}")
+    uvicorn.run(
+        server,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=1,
+    )
+
+
+if __name__ == "__main__":
+    main()
