@@ -154,15 +154,11 @@ class OAuthError(Exception):
 
     def response(self) -> Response:
         headers = {"WWW-Authenticate": 'Basic realm="authserver"'} if self.status == 401 else {}
-        return _json(
-            {"error": self.error, "error_description": self.description}, self.status, headers
-        )
+        return _json({"error": self.error, "error_description": self.description}, self.status, headers)
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
-        body, status, headers={"Cache-Control": "no-store", "Pragma": "no-cache", **(headers or {})}
-    )
+    return JSONResponse(body, status, headers={"Cache-Control": "no-store", "Pragma": "no-cache", **(headers or {})})
 
 
 class _CloseConnection(Response):
@@ -219,9 +215,7 @@ class TokenRequest:
             try:
                 req.client_id, req.client_secret = _basic_credentials(authorization)
             except ValueError:
-                req.problem = req.problem or OAuthError(
-                    401, "invalid_client", "malformed Basic credentials"
-                )
+                req.problem = req.problem or OAuthError(401, "invalid_client", "malformed Basic credentials")
             if "client_secret" in form:
                 req.problem = req.problem or OAuthError(
                     400, "invalid_request", "more than one client authentication method"

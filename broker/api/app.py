@@ -1,0 +1,141 @@
+"""The Starlette application: one lifespan opens Redis, the HTTP client and the token service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from broker import store as store_mod
+from broker.api import routes
+from broker.api.middleware import CallerAuth, RequestLog
+from broker.api.state import Broker, Health
+from broker.callers import CallerRegistry
+from broker.clock import Clock, SystemClock
+from broker.errors import BrokerError, StoreUnavailable
+from broker.settings import Settings
+from broker.store import EventSubscriber, Store
+from broker.tokens import TokenService
+from broker.upstream import UpstreamClient, new_http_client
+
+__all__ = ["create_app"]
+
+log = structlog.get_logger("broker.api")
+
+_HEALTH_INTERVAL = 1.0
+_HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _broker_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BrokerError)  # noqa: S101 - registered for BrokerError only
+    request.state.error = exc.code
+    return JSONResponse(exc.body(), status_code=exc.status, headers={"Cache-Control": "no-store", **exc.headers()})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)  # noqa: S101
+    code = _HTTP_ERRORS.get(exc.status_code, "invalid_request")
+    description = "No such route." if exc.status_code == 404 else f"{exc.detail}."
+    request.state.error = code
+    return JSONResponse(
+        {"error": code, "error_description": description}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.error("request.unhandled", error_type=type(exc).__name__)
+    return JSONResponse(
+        {"error": "server_error", "error_description": "The broker hit an unexpected error."}, status_code=500
+    )
+
+
+async def _watch_redis(store: Store, health: Health) -> None:
+    """Keeps readiness honest: Redis answered once → ready; unreachable later → degraded."""
+    warned = False
+    while True:
+        try:
+            await store.ping()
+            health.redis_seen = health.redis_ok = True
+            if warned:
+                log.info("redis.reachable_again")
+            warned = False
+        except StoreUnavailable:
+            health.redis_ok = False
+            if health.redis_seen and not warned:
+                log.warning("redis.unreachable")
+                warned = True
+        await asyncio.sleep(_HEALTH_INTERVAL)
+
+
+def create_app(settings: Settings, *, clock: Clock | None = None) -> Starlette:
+    clock = clock or SystemClock()
+    callers = CallerRegistry(settings.callers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        if settings.redis.url is None:
+            raise RuntimeError("create_app needs a Redis URL; `token-broker serve` starts an embedded one")
+        redis = store_mod.connect(settings.redis.url)
+        store = Store(redis)
+        http = new_http_client(settings.upstream)
+        upstream = UpstreamClient(
+            http, settings.upstream, default_expires_in=settings.cache.default_expires_in, clock=clock
+        )
+        tokens = TokenService(
+            settings.credentials,
+            settings.cache,
+            store,
+            upstream,
+            request_deadline=settings.server.request_deadline_seconds,
+            clock=clock,
+        )
+        subscriber = EventSubscriber(redis, tokens.on_event, tokens.on_subscription)
+        health = Health()
+        subscriber.start()
+        watcher = asyncio.create_task(_watch_redis(store, health), name="tb-health")
+        await subscriber.wait_live(2.0)
+        try:
+            yield {"broker": Broker(settings, callers, tokens, store, health, clock)}
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await subscriber.stop()
+            await tokens.flights.cancel_all()
+            await http.aclose()
+            with contextlib.suppress(Exception):
+                await redis.aclose()
+
+    return Starlette(
+        routes=[
+            Route("/v1/tokens/{credential}", routes.get_token, methods=["GET"]),
+            Route("/v1/tokens/{credential}/invalidate", routes.invalidate_token, methods=["POST"]),
+            Route("/healthz", routes.healthz, methods=["GET"]),
+            Route("/readyz", routes.readyz, methods=["GET"]),
+            Route("/openapi.yaml", routes.openapi, methods=["GET"]),
+        ],
+        middleware=[
+            Middleware(RequestLog, access_log=settings.server.access_log),
+            Middleware(CallerAuth, callers=callers, max_body_bytes=settings.server.max_body_bytes),
+        ],
+        exception_handlers={BrokerError: _broker_error, HTTPException: _http_error, Exception: _server_error},
+        lifespan=lifespan,
+    )
+
+
+def app_from_env() -> Starlette:
+    """uvicorn factory for worker processes: config from BROKER_CONFIG, Redis from BROKER_REDIS_URL."""
+    from broker.logs import configure_logging  # noqa: PLC0415
+    from broker.settings import load_settings  # noqa: PLC0415
+
+    configure_logging()
+    return create_app(load_settings())

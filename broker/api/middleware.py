@@ -1,0 +1,125 @@
+"""Pure ASGI middleware: request ids and request logging, caller authentication."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.callers import CallerRegistry
+from broker.errors import BrokerError, InvalidRequest
+
+__all__ = ["CallerAuth", "RequestLog", "error_response_parts"]
+
+log = structlog.get_logger("broker.api")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+
+
+def error_response_parts(error: BrokerError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    import json  # noqa: PLC0415 - cold path
+
+    body = json.dumps(error.body(), separators=(",", ":")).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
+    return error.status, headers, body
+
+
+async def send_error(send: Send, error: BrokerError) -> None:
+    status, headers, body = error_response_parts(error)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestLog:
+    """Binds a request id and logs one event per request that did not end as an L1 hit.
+
+    The route records its outcome in `scope["state"]["outcome"]`; L1 hits are counted
+    elsewhere, not logged, unless `access_log` is on.
+    """
+
+    def __init__(self, app: ASGIApp, *, access_log: bool = False) -> None:
+        self.app = app
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        state: dict[str, Any] = scope.setdefault("state", {})
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            outcome = state.get("outcome")
+            if outcome != "l1" or self.access_log:
+                request_id = _request_id(scope)
+                log.info(
+                    "request",
+                    request_id=request_id,
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=status,
+                    outcome=outcome,
+                    caller=state.get("caller_name"),
+                    credential=state.get("credential"),
+                    error=state.get("error"),
+                    duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                )
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text: str = bytes(value).decode("latin-1")
+            if _REQUEST_ID.fullmatch(text):
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+class CallerAuth:
+    """Authenticates callers on /v1/ routes; everything else passes through untouched."""
+
+    def __init__(self, app: ASGIApp, *, callers: CallerRegistry, max_body_bytes: int) -> None:
+        self.app = app
+        self.callers = callers
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        authorization: str | None = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        state: dict[str, Any] = scope.setdefault("state", {})
+        try:
+            caller = self.callers.authenticate(authorization)
+            if len(scope.get("query_string", b"")) > 4096 or len(scope["path"]) > 1024:
+                raise InvalidRequest("The request line is too long.")
+        except BrokerError as error:
+            state["error"] = error.code
+            await send_error(send, error)
+            return
+        state["caller"] = caller
+        state["caller_name"] = caller.name
+        await self.app(scope, receive, send)

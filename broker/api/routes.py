@@ -1,0 +1,138 @@
+"""The HTTP routes. Checks run in the order of spec §3.3: caller (middleware), grant, syntax,
+scopes within the grant, then the token itself."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from broker import scopes
+from broker.api.state import Broker
+from broker.callers import CallerRegistry
+from broker.errors import InvalidRequest
+from broker.settings import CallerSettings, CredentialSettings
+
+__all__ = ["get_token", "healthz", "invalidate_token", "openapi", "readyz"]
+
+MAX_MIN_TTL = 366 * 24 * 3600
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_OPENAPI = Path(__file__).resolve().parents[2] / "openapi.yaml"
+
+
+def _broker(request: Request) -> Broker:
+    broker: Broker = request.state.broker
+    return broker
+
+
+def _granted(request: Request) -> tuple[CredentialSettings, frozenset[str]]:
+    """The grant check: 403 access_denied before anything else about the request is looked at."""
+    caller: CallerSettings = request.state.caller
+    name: str = request.path_params["credential"]
+    granted = CallerRegistry.granted_scopes(caller, name)
+    request.state.credential = name
+    return _broker(request).settings.credentials[name], granted
+
+
+def _scope_set(credential: CredentialSettings, granted: frozenset[str], raw_scope: str | None) -> str:
+    """Syntax of the scope parameter (400), then scopes within the grant (403) → canonical scope set."""
+    requested = scopes.parse(raw_scope) if raw_scope is not None else ()
+    if not requested:
+        requested = credential.default_scopes
+    CallerRegistry.check_scopes(granted, requested)
+    return scopes.canonical(requested)
+
+
+def _single(request: Request, name: str) -> str | None:
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise InvalidRequest(f"The {name} parameter may be given only once.")
+    return values[0] if values else None
+
+
+def _min_ttl(raw: str | None) -> int:
+    if raw is None:
+        return 0
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9 or int(raw) > MAX_MIN_TTL:
+        raise InvalidRequest("min_ttl must be a non-negative integer number of seconds (at most a year).")
+    return int(raw)
+
+
+async def get_token(request: Request) -> Response:
+    broker = _broker(request)
+    credential, granted = _granted(request)
+    raw_scope = _single(request, "scope")
+    min_ttl = _min_ttl(_single(request, "min_ttl"))
+    scope_set = _scope_set(credential, granted, raw_scope)
+    entry, source = await broker.tokens.get(credential, scope_set, min_ttl)
+    request.state.outcome = source
+    now = broker.clock.now()
+    body = {
+        "access_token": entry.access_token,
+        "token_type": "Bearer",
+        "expires_in": max(0, int(entry.expires_at - now)),
+        "expires_at": datetime.fromtimestamp(entry.expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "scope": entry.scope,
+    }
+    return JSONResponse(body, headers=_NO_STORE)
+
+
+async def invalidate_token(request: Request) -> Response:
+    broker = _broker(request)
+    credential, granted = _granted(request)
+    payload = await _json_body(request, broker.settings.server.max_body_bytes)
+    token = payload.get("access_token")
+    if not isinstance(token, str) or not token or len(token) > 16384:
+        raise InvalidRequest("The body must carry the rejected access_token as a string.")
+    raw_scope = payload.get("scope")
+    if raw_scope is not None and not isinstance(raw_scope, str):
+        raise InvalidRequest("scope must be a space-separated string.")
+    scope_set = _scope_set(credential, granted, raw_scope)
+    dropped = await broker.tokens.invalidate(credential, scope_set, token)
+    request.state.outcome = "invalidated" if dropped else "invalidate_noop"
+    return Response(status_code=204, headers=_NO_STORE)
+
+
+async def _json_body(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise InvalidRequest(f"The request body must be a JSON object of at most {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InvalidRequest(f"The request body must be a JSON object of at most {limit} bytes.")
+        chunks.append(chunk)
+    try:
+        payload = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return payload
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    broker = _broker(request)
+    if not broker.health.redis_seen:
+        return JSONResponse({"status": "starting", "redis": "unknown"}, status_code=503)
+    if not broker.health.redis_ok:
+        return JSONResponse({"status": "degraded", "redis": "unreachable"})
+    return JSONResponse({"status": "ok", "redis": "ok"})
+
+
+async def openapi(request: Request) -> Response:
+    try:
+        text = _OPENAPI.read_text(encoding="utf-8")
+    except OSError:
+        return JSONResponse({"error": "not_found", "error_description": "No OpenAPI document."}, 404)
+    return Response(text, media_type="application/yaml")

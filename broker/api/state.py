@@ -1,0 +1,29 @@
+"""What the lifespan opens and every request shares: typed, no module globals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.callers import CallerRegistry
+from broker.clock import Clock
+from broker.settings import Settings
+from broker.store import Store
+from broker.tokens import TokenService
+
+__all__ = ["Broker", "Health"]
+
+
+@dataclass
+class Health:
+    redis_seen: bool = False  # Redis has answered at least once since start
+    redis_ok: bool = False
+
+
+@dataclass
+class Broker:
+    settings: Settings
+    callers: CallerRegistry
+    tokens: TokenService
+    store: Store
+    health: Health
+    clock: Clock

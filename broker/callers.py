@@ -1,0 +1,66 @@
+"""Caller authentication and grants (spec §3, §6.2).
+
+Keys are random (256 bits), shown once, stored only as SHA-256. A presented key is hashed and
+looked up by digest, then compared with `hmac.compare_digest`: the lookup is keyed by a hash
+of a 256-bit secret, so its timing reveals nothing usable about any key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Mapping
+
+from broker.errors import AccessDenied, InsufficientScope, InvalidCallerToken
+from broker.settings import CallerSettings
+
+__all__ = ["KEY_PREFIX", "CallerRegistry", "hash_key", "new_caller_key"]
+
+KEY_PREFIX = "tbk_"
+_KEY_SHAPE = re.compile(r"[A-Za-z0-9_\-]{16,256}")
+
+
+def new_caller_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class CallerRegistry:
+    def __init__(self, callers: Mapping[str, CallerSettings]) -> None:
+        self._by_digest = {bytes.fromhex(c.key_sha256): c for c in callers.values()}
+
+    def authenticate(self, authorization: str | None) -> CallerSettings:
+        """The caller named by an `Authorization: Bearer <key>` header, or InvalidCallerToken."""
+        if not authorization:
+            raise InvalidCallerToken("A caller key is required: send Authorization: Bearer <key>.")
+        scheme, _, key = authorization.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not _KEY_SHAPE.fullmatch(key):
+            raise InvalidCallerToken("The Authorization header must be Bearer followed by a caller key.")
+        digest = hashlib.sha256(key.encode()).digest()
+        caller = self._by_digest.get(digest)
+        if caller is None or not hmac.compare_digest(digest, bytes.fromhex(caller.key_sha256)):
+            raise InvalidCallerToken("The caller key is not valid.")
+        return caller
+
+    @staticmethod
+    def granted_scopes(caller: CallerSettings, credential: str) -> frozenset[str]:
+        """The scopes `caller` may request of `credential`; AccessDenied without a grant.
+
+        The answer is the same whether or not the credential exists.
+        """
+        granted = caller.grants.get(credential)
+        if granted is None:
+            raise AccessDenied()
+        return granted
+
+    @staticmethod
+    def check_scopes(granted: frozenset[str], requested: tuple[str, ...]) -> None:
+        refused = [s for s in requested if s not in granted]
+        if refused:
+            raise InsufficientScope(refused)

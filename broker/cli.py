@@ -1,0 +1,250 @@
+"""The `token-broker` command: serve, dev, check-config, caller-key. Entry points only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from broker.callers import hash_key, new_caller_key
+from broker.embedded_redis import EmbeddedRedis, RedisServerNotFound, free_port
+from broker.errors import ConfigError, UpstreamError
+from broker.logs import configure_logging
+from broker.settings import Settings, load_settings
+
+__all__ = ["main"]
+
+EXIT_CONFIG = 2
+_NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+log = structlog.get_logger("broker.cli")
+
+
+def _load(path: str | None) -> Settings:
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    for warning in settings.warnings:
+        print(f"config warning: {warning}", file=sys.stderr)
+    return settings
+
+
+def _run_uvicorn(host: str, port: int, workers: int) -> None:
+    import uvicorn  # noqa: PLC0415 - heavy, only for serving
+
+    uvicorn.run(
+        "broker.api.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def _serve(settings: Settings, config_path: str, host: str, port: int, workers: int) -> int:
+    """Run the broker; with no Redis URL, around an embedded redis-server that stops with us."""
+    os.environ["BROKER_CONFIG"] = str(Path(config_path).resolve())
+    embedded: EmbeddedRedis | None = None
+    if settings.redis.url is None:
+        try:
+            embedded = EmbeddedRedis().start()
+        except (RedisServerNotFound, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        os.environ["BROKER_REDIS_URL"] = embedded.url
+        log.info("redis.embedded_started", url=embedded.url)
+    try:
+        _run_uvicorn(host, port, workers)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+            log.info("redis.embedded_stopped")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    configure_logging()
+    settings = _load(args.config)
+    return _serve(
+        settings,
+        args.config or os.environ["BROKER_CONFIG"],
+        args.host or settings.server.host,
+        args.port if args.port is not None else settings.server.port,
+        args.workers or settings.server.workers,
+    )
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    print(f"config OK: {len(settings.credentials)} credential(s), {len(settings.callers)} caller(s)")
+    if args.probe:
+        return asyncio.run(_probe(settings))
+    return 0
+
+
+async def _probe(settings: Settings) -> int:
+    """Fetch one token per credential (its default scopes) and say what happened."""
+    from broker.upstream import UpstreamClient, new_http_client  # noqa: PLC0415
+
+    failed = 0
+    async with new_http_client(settings.upstream) as http:
+        client = UpstreamClient(http, settings.upstream, default_expires_in=settings.cache.default_expires_in)
+        for credential in settings.credentials.values():
+            scope_set = " ".join(credential.default_scopes)
+            try:
+                token = await client.fetch(credential, scope_set, time.monotonic() + 10)
+            except UpstreamError as exc:
+                failed += 1
+                print(f"probe {credential.name}: FAILED {exc.code}: {exc.description}")
+            else:
+                print(f"probe {credential.name}: ok, scope {token.scope!r}, lifetime {int(token.lifetime)} s")
+    return 1 if failed else 0
+
+
+def cmd_caller_key(args: argparse.Namespace) -> int:
+    if not _NAME.fullmatch(args.name):
+        print("error: a caller name is 1-64 letters, digits, '.', '_' or '-'", file=sys.stderr)
+        return EXIT_CONFIG
+    key = new_caller_key()
+    print(f"# Caller key for {args.name}. It is shown once: hand it to the caller's secret store.")
+    print(key)
+    print("# Add to the broker config (only the hash is stored):")
+    print(f"[callers.{args.name}]")
+    print(f'key_sha256 = "{hash_key(key)}"')
+    return 0
+
+
+_DEV_CONFIG = """\
+# Written by `token-broker dev`: one demo credential, one demo caller.
+[server]
+port = {port}
+
+[redis]
+url = "{redis_url}"
+
+[credentials.demo]
+issuer = "{issuer}"
+client_id = "demo-client"
+client_secret = {{ env = "TB_DEMO_CLIENT_SECRET" }}
+scopes = ["urn:demo:claims.read", "urn:demo:claims.write"]
+default_scopes = ["urn:demo:claims.read"]
+
+[callers.demo-caller]
+key_sha256 = "{key_hash}"
+[callers.demo-caller.grants]
+demo = ["urn:demo:claims.read", "urn:demo:claims.write"]
+"""
+
+
+def _start_demo_authserver(client_secret: str) -> str:
+    import uvicorn  # noqa: PLC0415
+
+    from broker.demo import create_demo_authserver  # noqa: PLC0415
+
+    port = free_port()
+    issuer = f"http://127.0.0.1:{port}"
+    app = create_demo_authserver(issuer, client_secret)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    threading.Thread(target=server.run, name="demo-authserver", daemon=True).start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the demo authorization server did not start")
+        time.sleep(0.02)
+    return issuer
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    configure_logging()
+    client_secret = secrets.token_urlsafe(24)
+    os.environ["TB_DEMO_CLIENT_SECRET"] = client_secret
+    try:
+        embedded = EmbeddedRedis().start()
+    except (RedisServerNotFound, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        issuer = _start_demo_authserver(client_secret)
+        key = new_caller_key()
+        workdir = Path(tempfile.mkdtemp(prefix="token-broker-dev-"))
+        config = workdir / "dev.toml"
+        config.write_text(
+            _DEV_CONFIG.format(port=args.port, redis_url=embedded.url, issuer=issuer, key_hash=hash_key(key)),
+            encoding="utf-8",
+        )
+        _load(str(config))
+        base = f"http://127.0.0.1:{args.port}"
+        print(
+            f"""
+token-broker dev
+  broker                 {base}
+  demo authorization     {issuer}   (client demo-client, RS256 JWTs, /jwks)
+  embedded redis         {embedded.url}
+  config                 {config}
+  caller key             {key}   (caller demo-caller)
+
+Get a token:
+  curl -s -H 'Authorization: Bearer {key}' '{base}/v1/tokens/demo?scope=urn:demo:claims.read'
+""",
+            flush=True,
+        )
+        os.environ["BROKER_CONFIG"] = str(config)
+        _run_uvicorn("127.0.0.1", args.port, args.workers)
+    finally:
+        embedded.stop()
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="token-broker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the broker")
+    serve.add_argument("--config", help="config file (default: $BROKER_CONFIG)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, help="uvicorn worker processes sharing one Redis")
+    serve.set_defaults(func=cmd_serve)
+
+    dev = sub.add_parser("dev", help="run a demo: embedded Redis, demo authorization server, demo caller")
+    dev.add_argument("--port", type=int, default=8080)
+    dev.add_argument("--workers", type=int, default=1)
+    dev.set_defaults(func=cmd_dev)
+
+    check = sub.add_parser("check-config", help="validate a config file (exit 0 or 2)")
+    check.add_argument("--config", help="config file (default: $BROKER_CONFIG)")
+    check.add_argument("--probe", action="store_true", help="also fetch one token per credential")
+    check.set_defaults(func=cmd_check_config)
+
+    key = sub.add_parser("caller-key", help="print a new caller key and its config lines")
+    key.add_argument("name")
+    key.set_defaults(func=cmd_caller_key)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return result

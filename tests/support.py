@@ -1,0 +1,187 @@
+"""Helpers for fixtures: free ports, readiness polling, and the test authorization server process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from tests.authserver import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    CLIENTS,
+    WEIRD_CLIENT_ID,
+    WEIRD_CLIENT_SECRET,
+)
+
+__all__ = [
+    "CLIENTS",
+    "CLIENT_ID",
+    "CLIENT_SECRET",
+    "REPO_ROOT",
+    "WEIRD_CLIENT_ID",
+    "WEIRD_CLIENT_SECRET",
+    "AuthServerProcess",
+    "free_port",
+    "wait_http",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _process_output(proc: subprocess.Popen[Any] | None, log_path: Path | None) -> str:
+    if log_path is not None and log_path.exists():
+        return log_path.read_text(errors="replace")
+    if proc is not None and proc.stdout is not None and proc.poll() is not None:
+        out = proc.stdout.read()
+        return out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+    return ""
+
+
+def wait_http(
+    url: str,
+    timeout: float = 15.0,
+    proc: subprocess.Popen[Any] | None = None,
+    log_path: Path | None = None,
+) -> None:
+    """Poll until GET url answers below 500; fail early, with its output, if proc exits."""
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    with httpx.Client(timeout=2.0, trust_env=False) as client:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(
+                    f"process {proc.args!r} exited with {proc.returncode} before {url} answered;"
+                    f" output:\n{_process_output(proc, log_path)}"
+                )
+            try:
+                status = client.get(url).status_code
+                if status < 500:
+                    return
+                last = f"HTTP {status}"
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{url} not ready after {timeout:g}s (last: {last}); output:\n{_process_output(proc, log_path)}"
+                )
+            time.sleep(0.05)
+
+
+class AuthServerProcess:
+    """tests/authserver.py in a child process. ``url`` is the issuer, final once started."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self._fixed_port = port is not None
+        self._set_port(port if port is not None else free_port())
+        self.log_path: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._client: httpx.Client | None = None
+
+    def _set_port(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.token_url = f"{self.url}/oauth/token"
+
+    def start(self) -> Self:
+        if self._proc is not None:
+            raise RuntimeError("authorization server already started")
+        # A chosen-then-released port can be taken before the child binds it; retry on a new one.
+        for attempt in range(3):
+            try:
+                self._spawn()
+            except BaseException as exc:
+                self.stop()
+                if self._fixed_port or attempt == 2 or not isinstance(exc, RuntimeError):
+                    raise
+                self._set_port(free_port())
+            else:
+                break
+        self._client = httpx.Client(base_url=self.url, timeout=10.0, trust_env=False)
+        return self
+
+    def _spawn(self) -> None:
+        fd, name = tempfile.mkstemp(prefix="authserver-", suffix=".log")
+        self.log_path = Path(name)
+        with os.fdopen(fd, "wb") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.authserver", "--port", str(self.port)],
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        wait_http(f"{self.url}/_control/health", proc=self._proc, log_path=self.log_path)
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.terminate()
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+            self._proc = None
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _http(self) -> httpx.Client:
+        if self._client is None:
+            raise RuntimeError("authorization server not started")
+        return self._client
+
+    def output(self) -> str:
+        """What the server process printed so far (uvicorn warnings and errors)."""
+        return _process_output(self._proc, self.log_path)
+
+    def configure(self, **config: Any) -> dict[str, Any]:
+        """Change settings (see tests/authserver.py Config); returns the resulting config."""
+        response = self._http().post("/_control/config", json=config)
+        if response.status_code != 200:
+            raise ValueError(f"authserver rejected config {config!r}: {response.text}")
+        result: dict[str, Any] = response.json()
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        response = self._http().get("/_control/stats")
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def token_requests(self) -> int:
+        return int(self.stats()["token_requests"])
+
+    def reset(self) -> None:
+        self._http().post("/_control/reset").raise_for_status()
