@@ -85,7 +85,8 @@ class EmbeddedRedis:
         ]
         log = Path(self._dir.name) / "redis.log"
         with log.open("wb") as out:
-            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)  # noqa: S603
+            # Own session: a Ctrl-C at the terminal must not stop Redis before the broker has drained.
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # noqa: S603
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

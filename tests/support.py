@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ __all__ = [
     "WEIRD_CLIENT_ID",
     "WEIRD_CLIENT_SECRET",
     "AuthServerProcess",
+    "BrokerProcess",
     "free_port",
     "wait_http",
 ]
@@ -185,3 +187,61 @@ class AuthServerProcess:
 
     def reset(self) -> None:
         self._http().post("/_control/reset").raise_for_status()
+
+
+class BrokerProcess:
+    """A real `token-broker serve` process (uvicorn, N workers) on a free port."""
+
+    def __init__(self, config: Path, *, workers: int = 1, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.workers = workers
+        self.env = env or {}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = Path(tempfile.mkstemp(prefix="tb-broker-", suffix=".log")[1])
+
+    def start(self, timeout: float = 30.0) -> Self:
+        cmd = [
+            sys.executable,
+            "-m",
+            "broker",
+            "serve",
+            "--config",
+            str(self.config),
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+        ]
+        env = {**os.environ, **self.env}
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        # every worker must be up: /readyz answers 200 only after a worker saw Redis
+        wait_http(f"{self.url}/readyz", timeout=timeout, proc=self.proc, log_path=self.log_path)
+        while time.monotonic() < deadline:
+            if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                return self
+            time.sleep(0.05)
+        raise TimeoutError(f"broker not ready: {self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.log_path.unlink(missing_ok=True)

