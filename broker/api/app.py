@@ -19,6 +19,7 @@ from broker import store as store_mod
 from broker.api import routes
 from broker.api.middleware import CallerAuth, RequestLog
 from broker.api.state import Broker, Health
+from broker.audit import AuditTrail
 from broker.callers import CallerRegistry
 from broker.clock import Clock, SystemClock
 from broker.errors import BrokerError, StoreUnavailable
@@ -100,17 +101,20 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> Starlette:
         )
         subscriber = EventSubscriber(redis, tokens.on_event, tokens.on_subscription)
         health = Health()
+        audit = AuditTrail()
+        audit.start()
         subscriber.start()
         watcher = asyncio.create_task(_watch_redis(store, health), name="tb-health")
         await subscriber.wait_live(2.0)
         try:
-            yield {"broker": Broker(settings, callers, tokens, store, health, clock)}
+            yield {"broker": Broker(settings, callers, tokens, store, health, clock, audit)}
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             await subscriber.stop()
             await tokens.flights.cancel_all()
+            await audit.stop()
             await http.aclose()
             with contextlib.suppress(Exception):
                 await redis.aclose()

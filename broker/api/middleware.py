@@ -17,6 +17,7 @@ __all__ = ["CallerAuth", "RequestLog", "error_response_parts"]
 
 log = structlog.get_logger("broker.api")
 
+_PROBES = frozenset({"/healthz", "/readyz"})  # polled every few seconds: not worth an event
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 
 
@@ -68,7 +69,8 @@ class RequestLog:
             await self.app(scope, receive, send_with_status)
         finally:
             outcome = state.get("outcome")
-            if outcome != "l1" or self.access_log:
+            quiet = outcome == "l1" or (scope["path"] in _PROBES and status < 400)
+            if not quiet or self.access_log:
                 request_id = _request_id(scope)
                 log.info(
                     "request",

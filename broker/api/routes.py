@@ -70,6 +70,9 @@ async def get_token(request: Request) -> Response:
     scope_set = _scope_set(credential, granted, raw_scope)
     entry, source = await broker.tokens.get(credential, scope_set, min_ttl)
     request.state.outcome = source
+    broker.tokens.stats.count(source)
+    caller: CallerSettings = request.state.caller
+    broker.audit.record(caller.name, credential.name, scope_set, entry.fingerprint, source)
     now = broker.clock.now()
     body = {
         "access_token": entry.access_token,

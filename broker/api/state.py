@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from broker.audit import AuditTrail
 from broker.callers import CallerRegistry
 from broker.clock import Clock
 from broker.settings import Settings
@@ -27,3 +28,4 @@ class Broker:
     store: Store
     health: Health
     clock: Clock
+    audit: AuditTrail
