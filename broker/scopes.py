@@ -11,6 +11,7 @@ __all__ = ["MAX_SCOPES", "MAX_SCOPE_LENGTH", "canonical", "parse", "scope_set_id
 
 # RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+_SEPARATORS = re.compile(r"[ \t\r\n]+")  # ASCII whitespace only: anything else is a bad character
 MAX_SCOPES = 64
 MAX_SCOPE_LENGTH = 256
 
@@ -22,7 +23,9 @@ def parse(raw: str) -> tuple[str, ...]:
     """
     if len(raw) > MAX_SCOPES * (MAX_SCOPE_LENGTH + 1):
         raise InvalidRequest("The scope parameter is too long.")
-    tokens = raw.split()
+    tokens = _SEPARATORS.split(raw.strip(" \t\r\n"))
+    if tokens == [""]:
+        tokens = []
     for token in tokens:
         if len(token) > MAX_SCOPE_LENGTH:
             raise InvalidRequest(f"A scope is longer than {MAX_SCOPE_LENGTH} characters.")

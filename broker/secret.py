@@ -32,5 +32,11 @@ class Secret:
     def __hash__(self) -> int:
         return hash(self.source)
 
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Secret:
+        return self  # immutable: copies of settings share it, and it never goes through pickle
+
     def __reduce__(self) -> str | tuple[object, ...]:
         raise TypeError("Secret values are not picklable")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from broker import scopes as scopes_mod
 from broker.errors import ConfigError, InvalidRequest
@@ -112,10 +112,12 @@ def redact_url(url: str | None) -> str | None:
     if url is None:
         return None
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    if parts.query:
+        query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query, True)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return parts.geturl()
 
 
 class _Reader:
@@ -153,7 +155,7 @@ class _Reader:
             return default
         try:
             return convert(table[name])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             self.problem(key, f"must be {expected}, got {table[name]!r}")
             return default
 
@@ -306,7 +308,7 @@ def _server(r: _Reader, t: Mapping[str, Any]) -> ServerSettings:
 
 def _redis(r: _Reader, t: Mapping[str, Any]) -> RedisSettings:
     r.unknown(t, {"url"}, "redis")
-    url = r.value(t, "url", "redis.url", _to_str, None, "a redis:// URL string")
+    url = r.value(t, "url", "redis.url", _to_str, None, "a redis:// URL string") or None
     if url is not None:
         scheme = urlsplit(url).scheme
         if scheme not in ("redis", "rediss", "unix"):
@@ -542,4 +544,6 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
         raise ConfigError([f"config: cannot read {location}: {exc.strerror or exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"config: {location} is not valid TOML: {exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"config: {location} is not UTF-8 text"]) from None
     return parse_settings(data, env)

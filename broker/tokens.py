@@ -49,6 +49,11 @@ def is_fresh(entry: CachedToken, now: float) -> bool:
     return now < entry.fresh_until
 
 
+def _cacheable(entry: CachedToken, now: float) -> bool:
+    """Too short-lived tokens go to the caller that fetched them, and nobody else (spec §4.2)."""
+    return entry.expires_at - entry.fetched_at >= MIN_CACHEABLE_LIFETIME and entry.fresh_until > now
+
+
 class L1Cache:
     """A bounded LRU dict of this worker's copies of L2 entries."""
 
@@ -207,7 +212,7 @@ class TokenService:
             fetched = await self.upstream.fetch(credential, scope_set, deadline)
             self.stats.upstream_requests += 1
             return self._entry_from(fetched), "fetched"
-        if self.l1_enabled and entry.fresh_until - self.clock.now() > 0:
+        if self.l1_enabled and _cacheable(entry, self.clock.now()):
             self.l1.put(key, entry)
         self._refresh_delay.pop(key, None)
         return entry, ("fetched" if fetched_here else "l2")
@@ -226,10 +231,9 @@ class TokenService:
         )
 
     async def _store(self, key: str, entry: CachedToken) -> None:
-        ttl = entry.fresh_until - self.clock.now()
-        if entry.expires_at - entry.fetched_at < MIN_CACHEABLE_LIFETIME or ttl <= 0:
-            return  # too short-lived to share: the caller that fetched it gets it, nobody else
-        await self.store.put(key, entry, ttl)
+        now = self.clock.now()
+        if _cacheable(entry, now):
+            await self.store.put(key, entry, entry.fresh_until - now)
 
     # -- refresh-ahead ----------------------------------------------------------------------------
 

@@ -119,7 +119,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> Starlette:
             with contextlib.suppress(Exception):
                 await redis.aclose()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/tokens/{credential}", routes.get_token, methods=["GET"]),
             Route("/v1/tokens/{credential}/invalidate", routes.invalidate_token, methods=["POST"]),
@@ -129,11 +129,13 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> Starlette:
         ],
         middleware=[
             Middleware(RequestLog, access_log=settings.server.access_log),
-            Middleware(CallerAuth, callers=callers, max_body_bytes=settings.server.max_body_bytes),
+            Middleware(CallerAuth, callers=callers),
         ],
         exception_handlers={BrokerError: _broker_error, HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # every answer is JSON: a trailing slash is a 404, not a redirect
+    return app
 
 
 def app_from_env() -> Starlette:

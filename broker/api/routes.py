@@ -20,6 +20,7 @@ from broker.settings import CallerSettings, CredentialSettings
 __all__ = ["get_token", "healthz", "invalidate_token", "openapi", "readyz"]
 
 MAX_MIN_TTL = 366 * 24 * 3600
+MAX_QUERY_BYTES = 4096
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _OPENAPI = Path(__file__).resolve().parents[2] / "openapi.yaml"
 
@@ -48,6 +49,8 @@ def _scope_set(credential: CredentialSettings, granted: frozenset[str], raw_scop
 
 
 def _single(request: Request, name: str) -> str | None:
+    if len(request.scope["query_string"]) > MAX_QUERY_BYTES:
+        raise InvalidRequest(f"The query string is longer than {MAX_QUERY_BYTES} bytes.")
     values = request.query_params.getlist(name)
     if len(values) > 1:
         raise InvalidRequest(f"The {name} parameter may be given only once.")

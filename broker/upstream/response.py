@@ -62,12 +62,21 @@ def jwt_exp(token: str) -> float | None:
     payload = parts[1] + "=" * (-len(parts[1]) % 4)
     try:
         claims = json.loads(base64.urlsafe_b64decode(payload))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return None
     exp = claims.get("exp") if isinstance(claims, dict) else None
     if isinstance(exp, int | float) and not isinstance(exp, bool):
-        return float(exp)
+        return _finite(exp)
     return None
+
+
+def _finite(value: float) -> float | None:
+    """`value` as a finite float, or None (NaN, infinities, integers beyond float range)."""
+    try:
+        result = float(value)
+    except OverflowError:
+        return None
+    return result if math.isfinite(result) else None
 
 
 def lifetime_from(expires_in: Any, access_token: str, now: float, default: float) -> float:
@@ -83,11 +92,18 @@ def lifetime_from(expires_in: Any, access_token: str, now: float, default: float
     if isinstance(expires_in, bool):
         raise UpstreamInvalidResponse("The authorization server sent a non-numeric expires_in.")
     if isinstance(expires_in, str):
+        if not expires_in.isascii():
+            raise UpstreamInvalidResponse("The authorization server sent a non-numeric expires_in.")
         try:
             expires_in = float(expires_in.strip())
         except ValueError:
             raise UpstreamInvalidResponse("The authorization server sent a non-numeric expires_in.") from None
-    if not isinstance(expires_in, int | float) or not math.isfinite(expires_in):
+    if not isinstance(expires_in, int | float):
+        raise UpstreamInvalidResponse("The authorization server sent a non-numeric expires_in.")
+    if expires_in > MAX_LIFETIME:
+        raise UpstreamInvalidResponse("The authorization server sent an expires_in longer than a year.")
+    expires_in = _finite(expires_in)
+    if expires_in is None:
         raise UpstreamInvalidResponse("The authorization server sent a non-numeric expires_in.")
     if expires_in <= 0:
         raise UpstreamInvalidResponse("The authorization server sent a non-positive expires_in.")
@@ -99,7 +115,7 @@ def lifetime_from(expires_in: Any, access_token: str, now: float, default: float
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 

@@ -1,0 +1,142 @@
+"""The command line (spec §2, §6.2, §7.2): check-config exit codes and output, caller-key."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.callers import CallerRegistry, hash_key
+from broker.settings import CallerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "cli-s3cret-value"
+READ = "urn:axa.claims.read"
+
+VALID = f"""
+[credentials.payments]
+token_url = "https://auth.example.com/oauth/token"
+client_id = "my-client"
+client_secret = {{ env = "CLI_PAY_SECRET" }}
+scopes = ["{READ}"]
+
+[callers.billing]
+key_sha256 = "{hash_key("tbk_" + "a" * 43)}"
+[callers.billing.grants]
+payments = ["{READ}"]
+"""
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env["CLI_PAY_SECRET"] = SECRET
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return run("check-config", "--config", str(path))
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_check_config_valid_exits_0(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(VALID, encoding="utf-8")
+    result = check_config(path)
+    assert result.returncode == 0, result.stderr
+    assert "config OK" in result.stdout
+    assert "config error" not in result.stderr
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_check_config_reports_every_problem_and_exits_2(tmp_path: Path) -> None:
+    bad = (
+        VALID.replace('client_secret = { env = "CLI_PAY_SECRET" }', 'client_secret = { env = "CLI_UNSET_SECRET" }')
+        .replace('scopes = ["urn:axa.claims.read"]\n', 'scopes = ["urn:axa.claims.read"]\nauth_method = "magic"\n', 1)
+        .replace("[callers.billing.grants]\n", "[callers.billing.grants]\nnope = []\n")
+    )
+    path = tmp_path / "broker.toml"
+    path.write_text(bad + "\n[server]\nport = 99999\n", encoding="utf-8")
+    result = check_config(path)
+    assert result.returncode == 2
+    assert_no_traceback(result)
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("config error: ") for line in lines), lines
+    keys = sorted(line.removeprefix("config error: ").split(": ", 1)[0] for line in lines)
+    assert keys == [
+        "callers.billing.grants.nope",
+        "credentials.payments.auth_method",
+        "credentials.payments.client_secret",
+        "server.port",
+    ]
+
+
+@pytest.mark.parametrize("content", [None, "[credentials\n"], ids=["missing", "invalid-toml"])
+def test_check_config_unreadable_file_exits_2(tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "broker.toml"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    result = check_config(path)
+    assert result.returncode == 2
+    assert_no_traceback(result)
+    [line] = result.stderr.splitlines()
+    assert line.startswith("config error: config: ")
+
+
+def test_literal_secret_is_warned_without_showing_it(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(VALID.replace('{ env = "CLI_PAY_SECRET" }', '"literal-hunter2"'), encoding="utf-8")
+    result = check_config(path)
+    assert result.returncode == 0, result.stderr
+    assert "config warning: credentials.payments.client_secret" in result.stderr
+    assert "literal-hunter2" not in result.stdout + result.stderr
+
+
+def test_check_config_non_utf8_file_exits_2_without_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_bytes(VALID.encode() + b'\n[server]\nhost = "caf\xe9"\n')
+    result = check_config(path)
+    assert_no_traceback(result)
+    assert result.returncode == 2
+
+
+def test_caller_key_prints_a_key_and_its_hash() -> None:
+    result = run("caller-key", "billing")
+    assert result.returncode == 0, result.stderr
+    keys = [line for line in result.stdout.splitlines() if line.startswith("tbk_")]
+    assert len(keys) == 1
+    key = keys[0]
+    assert len(key) >= len("tbk_") + 43  # >= 256 bits of urlsafe base64
+    match = re.search(r'^key_sha256 = "([0-9a-f]{64})"$', result.stdout, re.MULTILINE)
+    assert match is not None, result.stdout
+    assert match.group(1) == hashlib.sha256(key.encode()).hexdigest()
+    assert "[callers.billing]" in result.stdout.splitlines()
+    # The printed pair works: a registry holding the hash accepts the key.
+    registry = CallerRegistry({"billing": CallerSettings(name="billing", key_sha256=match.group(1))})
+    assert registry.authenticate(f"Bearer {key}").name == "billing"
+
+
+def test_caller_key_is_new_each_time() -> None:
+    first, second = run("caller-key", "billing"), run("caller-key", "billing")
+    assert first.stdout != second.stdout
+
+
+def test_caller_key_rejects_a_name_that_cannot_be_a_toml_key() -> None:
+    result = run("caller-key", "bad name]")
+    assert result.returncode == 2
+    assert "tbk_" not in result.stdout
