@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import secrets
+import signal
 import sys
 import tempfile
 import threading
@@ -41,9 +42,16 @@ def _load(path: str | None) -> Settings:
     return settings
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _run_uvicorn(host: str, port: int, workers: int) -> None:
     import uvicorn  # noqa: PLC0415 - heavy, only for serving
 
+    # uvicorn re-raises the signal it shut down for once it restored the previous handler: make
+    # that handler an exit, so `finally` blocks (stopping the embedded Redis) still run.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     uvicorn.run(
         "broker.api.app:app_from_env",
         factory=True,

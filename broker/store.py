@@ -141,15 +141,18 @@ return 0
 """
 
 
-def connect(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
+def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
+    # A blocking pool: a burst of requests waits for a connection instead of failing with
+    # "Too many connections" (which would look like Redis being down).
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
-        decode_responses=False,
+        max_connections=max_connections,
+        timeout=2.0,
         socket_connect_timeout=2.0,
         socket_timeout=2.0,
         health_check_interval=10,
-        retry_on_timeout=False,
     )
+    return aioredis.Redis(connection_pool=pool, decode_responses=False)
 
 
 class Store:

@@ -119,6 +119,7 @@ class TokenService:
         self.distributed = DistributedFlight(store, cache.lock_ttl_seconds)
         self.stats = Stats()
         self._refresh_not_before: dict[str, float] = {}
+        self._refreshing: set[str] = set()  # keys whose running flight is a background refresh
         self._refresh_delay: dict[str, float] = {}
 
     # -- events -------------------------------------------------------------------------------
@@ -159,6 +160,12 @@ class TokenService:
         if entry is not None:
             return entry, "l1"
         key = token_key(credential.name, scope_set)
+        if key not in self._refreshing:
+            # A miss joins a fetch already under way in this process before touching Redis
+            # (not a background refresh: its failure must stay invisible to callers).
+            joined = await self.flights.join(key)
+            if joined is not None:
+                return joined[0], "coalesced"
         now = self.clock.now()
         try:
             entry = await self.store.get(key)
@@ -261,9 +268,11 @@ class TokenService:
         deadline = now + self.request_deadline
         task = self.flights.start(key, lambda: self._fetch(credential, scope_set, key, accept, deadline))
         if task is not None:
+            self._refreshing.add(key)
             task.add_done_callback(lambda t: self._refresh_done(key, credential_name, t))
 
     def _refresh_done(self, key: str, credential_name: str, task: asyncio.Task[tuple[CachedToken, Source]]) -> None:
+        self._refreshing.discard(key)
         if task.cancelled():
             return
         exc = task.exception()

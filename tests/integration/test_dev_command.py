@@ -61,14 +61,6 @@ def _read_until(lines: queue.Queue[str | None], pattern: re.Pattern[str], timeou
     raise AssertionError(f"no {pattern.pattern!r} in the output:\n{''.join(seen)}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "broker bug: uvicorn's Server.capture_signals re-raises the captured SIGTERM after its graceful"
-        " shutdown, with the default handler restored, so the process dies inside uvicorn.run() and the"
-        " `finally: embedded.stop()` of cli.cmd_dev never runs; redis-server (own session) is orphaned"
-    ),
-)
 def test_dev_serves_the_printed_curl_line_and_stops_its_redis_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     stderr_path = Path(tempfile.mkstemp(prefix="tb-dev-", suffix=".log", dir=tmp_path)[1])

@@ -143,28 +143,10 @@ async def stampede(brokers: list[BrokerProcess], authserver: AuthServerProcess, 
         assert authserver.token_requests() == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "broker bug: store.connect() builds redis-py's default async pool (max 100 connections, raises"
-        " MaxConnectionsError when exhausted instead of waiting); with >100 concurrent misses in one worker"
-        " Store._call maps that to StoreUnavailable, so TokenService takes the 'Redis is down' path and"
-        " fetches locally, bypassing the distributed lock: one upstream request per worker, not one"
-    ),
-)
 async def test_stampede_across_replicas_and_workers_costs_one_upstream_request(
     write_config: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers, redis_url: str
 ) -> None:
     await stampede(start_brokers(write_config(), count=2, workers=2), authserver, redis_url)
-
-
-async def test_stampede_with_a_redis_pool_large_enough_costs_one_upstream_request(
-    write_config: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers, redis_url: str
-) -> None:
-    """The same stampede with the Redis pool raised through the URL (redis-py reads `max_connections`
-    from the query string): it passes, which pins the diagnosis of the xfail above on the pool."""
-    env = {"BROKER_REDIS_URL": f"{redis_url}?max_connections=1000"}
-    await stampede(start_brokers(write_config(), count=2, workers=2, env=env), authserver, redis_url)
 
 
 async def test_refresh_ahead_serves_a_steady_stream_without_misses(
