@@ -152,7 +152,7 @@ def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
         socket_timeout=2.0,
         health_check_interval=10,
     )
-    return aioredis.Redis(connection_pool=pool, decode_responses=False)
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
 
 
 class Store:
