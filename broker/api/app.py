@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from broker import store as store_mod
 from broker.api import routes
+from broker.api.fastpath import FastPath
 from broker.api.middleware import CallerAuth, RequestLog
 from broker.api.state import Broker, Health
 from broker.audit import AuditTrail
@@ -77,9 +78,11 @@ async def _watch_redis(store: Store, health: Health) -> None:
         await asyncio.sleep(_HEALTH_INTERVAL)
 
 
-def create_app(settings: Settings, *, clock: Clock | None = None) -> Starlette:
+def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: bool = True) -> Starlette:
     clock = clock or SystemClock()
     callers = CallerRegistry(settings.callers)
+    # L1 hits in pure ASGI; off with access_log, which logs every hit (broker/api/fastpath.py)
+    fast = fast_path and not settings.server.access_log
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -128,6 +131,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> Starlette:
             Route("/openapi.yaml", routes.openapi, methods=["GET"]),
         ],
         middleware=[
+            *([Middleware(FastPath, max_encoded=settings.cache.l1_max_entries)] if fast else []),
             Middleware(RequestLog, access_log=settings.server.access_log),
             Middleware(CallerAuth, callers=callers),
         ],

@@ -1,0 +1,186 @@
+"""The hit fast path: `GET /v1/tokens/{credential}` answered from this worker's L1 in pure ASGI.
+
+A request is answered here only if all of it is ordinary and it succeeds: a GET on that exact
+route, a valid caller key, a grant for the credential, a query of at most one `scope` and one
+`min_ttl` that parse, scopes within the grant, and a token in L1 that satisfies `min_ttl`.
+Anything else (any error, an L1 miss, an unusual query, HEAD, other routes, `access_log = true`)
+goes to the Starlette app unchanged, which runs every check again in the order of spec §3.3:
+errors and misses are answered by one code path only.
+
+What a hit here does is what the Starlette route does for an L1 hit: the same checks through
+the same helpers (`CallerRegistry.authenticate`, `scopes.parse`, `TokenService.get_l1`, which
+also starts refresh-ahead), the same counter and audit record, the same body and headers, with
+`expires_in` computed for each response. What it skips is the per-request work around it:
+Request objects, routing, query parsing (parsed queries are cached), JSON encoding (each token's
+response is encoded once, around a hole for `expires_in`) and the logging middleware, which
+logs nothing for an L1 hit anyway.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.datastructures import QueryParams
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker import scopes
+from broker.api.routes import MAX_QUERY_BYTES
+from broker.api.routes import _min_ttl as min_ttl_seconds  # the route's own check, not a copy
+from broker.api.state import Broker
+from broker.errors import BrokerError, InvalidRequest
+from broker.store import CachedToken
+
+__all__ = ["FastPath", "token_response_parts"]
+
+_PREFIX = "/v1/tokens/"
+_PREFIX_LENGTH = len(_PREFIX)
+_PARAMETERS = frozenset({"scope", "min_ttl"})
+_MAX_QUERIES = 1024  # distinct query strings remembered; a caller fleet uses a handful
+
+
+@dataclass(frozen=True, slots=True)
+class _Query:
+    requested: tuple[str, ...]  # parsed `scope`; empty: the credential's default scopes
+    scope_set: str  # canonical form of `requested`
+    min_ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """One token's response around the hole for `expires_in`, and its headers by body length."""
+
+    entry: CachedToken
+    head: bytes
+    tail: bytes
+    headers: dict[int, list[tuple[bytes, bytes]]]
+
+
+def _json(value: str) -> bytes:
+    # What JSONResponse.render does for a string inside the body.
+    return json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
+def token_response_parts(entry: CachedToken) -> tuple[bytes, bytes]:
+    """The route's JSON body for `entry` (key order and separators of JSONResponse), split
+    around the value of `expires_in`."""
+    expires_at = datetime.fromtimestamp(entry.expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    head = b'{"access_token":' + _json(entry.access_token) + b',"token_type":"Bearer","expires_in":'
+    tail = b',"expires_at":' + _json(expires_at) + b',"scope":' + _json(entry.scope) + b"}"
+    return head, tail
+
+
+def _parse_query(raw: bytes) -> _Query | None:
+    """The route's reading of the query (same parser, same checks), or None if it is unusual."""
+    if len(raw) > MAX_QUERY_BYTES:
+        return None
+    params = QueryParams(raw)
+    if not _PARAMETERS.issuperset(params.keys()):
+        return None
+    scope_values = params.getlist("scope")
+    ttl_values = params.getlist("min_ttl")
+    if len(scope_values) > 1 or len(ttl_values) > 1:
+        return None
+    try:
+        min_ttl = min_ttl_seconds(ttl_values[0] if ttl_values else None)
+        requested = scopes.parse(scope_values[0]) if scope_values else ()
+    except InvalidRequest:
+        return None
+    return _Query(requested, scopes.canonical(requested), min_ttl)
+
+
+class FastPath:
+    """Pure ASGI, in front of the Starlette app's routing; see the module docstring."""
+
+    def __init__(self, app: ASGIApp, *, max_encoded: int = 10_000) -> None:
+        self.app = app
+        self.max_encoded = max_encoded
+        self._queries: dict[bytes, _Query | None] = {}
+        self._encoded: dict[str, _Encoded] = {}  # by token fingerprint; checked by identity
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].startswith(_PREFIX):
+            answer = self._hit(scope)
+            if answer is not None:
+                await send(answer[0])
+                await send(answer[1])
+                return
+        await self.app(scope, receive, send)
+
+    def _hit(self, scope: Scope) -> tuple[Message, Message] | None:
+        name: str = scope["path"][_PREFIX_LENGTH:]
+        state: Mapping[str, Any] | None = scope.get("state")
+        if not name or "/" in name or scope.get("root_path") or state is None:
+            return None
+        broker: Broker | None = state.get("broker")
+        if broker is None:
+            return None
+        authorization: str | None = None
+        for header, value in scope["headers"]:
+            if header == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        try:
+            caller = broker.callers.authenticate(authorization)
+        except BrokerError:
+            return None
+        granted = caller.grants.get(name)
+        if granted is None:
+            return None
+        query = self._query(scope["query_string"])
+        if query is None:
+            return None
+        scope_set = query.scope_set
+        if query.requested:
+            if not granted.issuperset(query.requested):
+                return None
+        else:
+            credential = broker.settings.credentials.get(name)
+            if credential is None or not granted.issuperset(credential.default_scopes):
+                return None
+            scope_set = scopes.canonical(credential.default_scopes)
+        entry = broker.tokens.get_l1(name, scope_set, query.min_ttl)
+        if entry is None:
+            return None
+        encoded = self._encode(entry)
+        expires_in = b"%d" % max(0, int(entry.expires_at - broker.clock.now()))
+        body = encoded.head + expires_in + encoded.tail
+        headers = encoded.headers.get(len(body))
+        if headers is None:
+            headers = encoded.headers[len(body)] = [
+                (b"cache-control", b"no-store"),
+                (b"pragma", b"no-cache"),
+                (b"content-length", b"%d" % len(body)),
+                (b"content-type", b"application/json"),
+            ]
+        broker.tokens.stats.count("l1")
+        broker.audit.record(caller.name, name, scope_set, entry.fingerprint, "l1")
+        return (
+            {"type": "http.response.start", "status": 200, "headers": headers},
+            {"type": "http.response.body", "body": body},
+        )
+
+    def _query(self, raw: bytes) -> _Query | None:
+        try:
+            return self._queries[raw]
+        except KeyError:
+            pass
+        if len(self._queries) >= _MAX_QUERIES:
+            self._queries.clear()
+        query = self._queries[raw] = _parse_query(raw)
+        return query
+
+    def _encode(self, entry: CachedToken) -> _Encoded:
+        encoded = self._encoded.get(entry.fingerprint)
+        if encoded is not None and encoded.entry is entry:
+            return encoded
+        head, tail = token_response_parts(entry)
+        encoded = _Encoded(entry, head, tail, {})
+        self._encoded.pop(entry.fingerprint, None)
+        while len(self._encoded) >= self.max_encoded:
+            del self._encoded[next(iter(self._encoded))]  # the oldest: L1 has let go of it by now
+        self._encoded[entry.fingerprint] = encoded
+        return encoded
