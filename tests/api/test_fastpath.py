@@ -1,0 +1,311 @@
+"""The hit fast path (broker/api/fastpath.py) answers exactly what the Starlette route answers.
+
+Two brokers share one Redis, one upstream and one fake clock: `fast` (as built by create_app)
+and `slow` (create_app(..., fast_path=False)). For each request, both answers must be the same
+bytes: status, every header, body. A spy on the fast path tells which answers it served itself;
+everything it does not serve must reach the Starlette app unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from starlette.responses import JSONResponse
+from starlette.testclient import TestClient
+from structlog.testing import capture_logs
+
+from broker.api import create_app
+from broker.api.fastpath import FastPath, token_response_parts
+from broker.api.state import Broker
+from broker.clock import FakeClock
+from broker.settings import Settings, load_settings
+from broker.store import CachedToken
+from tests.conftest import ADMIN, CALLER_KEYS, READ, WRITE, auth
+from tests.support import AuthServerProcess
+
+HITS = [
+    f"?scope={READ}",
+    f"?scope={quote(f'{WRITE} {READ}')}",
+    f"?scope={READ}+{WRITE}",
+    f"?scope={quote(f'  {READ}   {WRITE} {READ} ')}",
+    "?scope=" + quote(READ + "\t" + WRITE),
+    f"?scope={READ}&min_ttl=0",
+    f"?min_ttl=60&scope={READ}",
+    f"?scope={READ}&min_ttl=000060",
+    "",
+    "?scope=",
+    "?min_ttl=5",
+]
+
+# (path and query, headers) that the fast path must leave to Starlette.
+FALL_THROUGH: list[tuple[str, dict[str, str]]] = [
+    (f"/v1/tokens/payments?scope={READ}", {}),
+    (f"/v1/tokens/payments?scope={READ}", {"Authorization": f"Basic {CALLER_KEYS['billing']}"}),
+    (f"/v1/tokens/payments?scope={READ}", {"Authorization": "Bearer tbk_not-a-known-key-at-all"}),
+    (f"/v1/tokens/payments?scope={READ}", {"Authorization": "Bearer"}),
+    (f"/v1/tokens/payments?scope={READ}", auth("reporting")),
+    (f"/v1/tokens/nope?scope={READ}", auth()),
+    ("/v1/tokens/payments?scope=%22quoted%22", auth()),
+    (f"/v1/tokens/payments?scope={READ}%C3%A9", auth()),
+    (f"/v1/tokens/payments?scope={READ}&min_ttl=-1", auth()),
+    (f"/v1/tokens/payments?scope={READ}&min_ttl=1.5", auth()),
+    (f"/v1/tokens/payments?scope={READ}&min_ttl=99999999999", auth()),
+    (f"/v1/tokens/payments?scope={READ}&scope={WRITE}", auth()),
+    (f"/v1/tokens/payments?scope={READ}&min_ttl=1&min_ttl=2", auth()),
+    (f"/v1/tokens/payments?scope={ADMIN}", auth()),
+    (f"/v1/tokens/payments?scope={quote(f'{READ} {ADMIN}')}", auth()),
+    (f"/v1/tokens/payments?scope={READ}&{'x' * 5000}=1", auth()),
+    (f"/v1/tokens/payments/?scope={READ}", auth()),
+    ("/v1/tokens/", auth()),
+    (f"/v1/tokens/pay%2Fments?scope={READ}", auth()),
+]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(time.time())
+
+
+@pytest.fixture
+def brokers(settings: Settings, clock: FakeClock) -> Iterator[tuple[TestClient, TestClient]]:
+    fast_app = create_app(settings, clock=clock)
+    slow_app = create_app(settings, clock=clock, fast_path=False)
+    with (
+        TestClient(fast_app, raise_server_exceptions=False) as fast,
+        TestClient(slow_app, raise_server_exceptions=False) as slow,
+    ):
+        yield fast, slow
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """One entry per request that reached the fast path's checks: True if it answered it."""
+    calls: list[bool] = []
+    original = FastPath._hit
+
+    def spy(self: FastPath, scope: dict[str, Any]) -> Any:
+        answer = original(self, scope)
+        calls.append(answer is not None)
+        return answer
+
+    monkeypatch.setattr(FastPath, "_hit", spy)
+    return calls
+
+
+def answer(client: TestClient, method: str, url: str, headers: dict[str, str]) -> tuple[int, list[Any], bytes]:
+    response = client.request(method, url, headers=headers)
+    return response.status_code, response.headers.multi_items(), response.content
+
+
+def broker_of(client: TestClient) -> Broker:
+    broker: Broker = client.app_state["broker"]
+    return broker
+
+
+def warm(fast: TestClient, slow: TestClient, clock: FakeClock) -> None:
+    """Put the tokens used below into both workers' L1, and make them older than a second
+    (a token fetched less than a second ago satisfies any min_ttl)."""
+    for query in (f"?scope={READ}", f"?scope={quote(f'{READ} {WRITE}')}", "?scope="):
+        for client in (fast, slow):
+            assert client.get(f"/v1/tokens/payments{query}", headers=auth()).status_code == 200
+    clock.advance(2)
+
+
+@pytest.mark.parametrize("query", HITS)
+def test_hits_are_served_by_the_fast_path_with_the_routes_answer(
+    brokers: tuple[TestClient, TestClient], clock: FakeClock, served: list[bool], query: str
+) -> None:
+    fast, slow = brokers
+    warm(fast, slow, clock)
+    served.clear()
+    expected = answer(slow, "GET", f"/v1/tokens/payments{query}", auth())
+    got = answer(fast, "GET", f"/v1/tokens/payments{query}", auth())
+    assert served == [True]
+    assert got == expected
+    status, headers, body = got
+    assert status == 200
+    assert [(k, v) for k, v in headers if k != "content-length"] == [
+        ("cache-control", "no-store"),
+        ("pragma", "no-cache"),
+        ("content-type", "application/json"),
+    ]
+    assert list(json.loads(body)) == ["access_token", "token_type", "expires_in", "expires_at", "scope"]
+
+
+@pytest.mark.parametrize(("url", "headers"), FALL_THROUGH)
+def test_everything_else_reaches_starlette_unchanged(
+    brokers: tuple[TestClient, TestClient],
+    clock: FakeClock,
+    served: list[bool],
+    authserver: AuthServerProcess,
+    url: str,
+    headers: dict[str, str],
+) -> None:
+    fast, slow = brokers
+    warm(fast, slow, clock)
+    served.clear()
+    fetched = authserver.token_requests()
+    expected = answer(slow, "GET", url, headers)
+    got = answer(fast, "GET", url, headers)
+    assert not any(served)
+    assert got == expected
+    assert got[0] >= 400
+    assert authserver.token_requests() == fetched
+
+
+def test_other_methods_and_routes_are_not_looked_at(
+    brokers: tuple[TestClient, TestClient], clock: FakeClock, served: list[bool]
+) -> None:
+    fast, slow = brokers
+    warm(fast, slow, clock)
+    served.clear()
+    for method, url in [
+        ("HEAD", f"/v1/tokens/payments?scope={READ}"),
+        ("POST", f"/v1/tokens/payments?scope={READ}"),
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/v1/tokensx/payments"),
+    ]:
+        assert answer(fast, method, url, auth()) == answer(slow, method, url, auth()), (method, url)
+    assert served == []
+
+
+def test_unknown_query_parameters_go_to_starlette(
+    brokers: tuple[TestClient, TestClient], clock: FakeClock, served: list[bool]
+) -> None:
+    fast, slow = brokers
+    warm(fast, slow, clock)
+    served.clear()
+    url = f"/v1/tokens/payments?scope={READ}&debug=1"
+    got = answer(fast, "GET", url, auth())
+    assert served == [False]
+    assert got == answer(slow, "GET", url, auth())
+    assert got[0] == 200
+
+
+def test_a_miss_falls_through_and_the_next_request_is_a_fast_hit(
+    brokers: tuple[TestClient, TestClient], served: list[bool], authserver: AuthServerProcess
+) -> None:
+    fast, _ = brokers
+    first = fast.get(f"/v1/tokens/ledger?scope={READ}", headers=auth())
+    second = fast.get(f"/v1/tokens/ledger?scope={READ}", headers=auth())
+    assert served == [False, True]
+    assert first.json()["access_token"] == second.json()["access_token"]
+    assert authserver.token_requests() == 1
+
+
+def test_min_ttl_longer_than_the_token_has_left_is_not_a_fast_hit(
+    brokers: tuple[TestClient, TestClient], clock: FakeClock, served: list[bool], authserver: AuthServerProcess
+) -> None:
+    fast, slow = brokers
+    warm(fast, slow, clock)
+    before = fast.get(f"/v1/tokens/payments?scope={READ}", headers=auth()).json()
+    served.clear()
+    fetched = authserver.token_requests()
+    response = fast.get(f"/v1/tokens/payments?scope={READ}&min_ttl={before['expires_in'] + 10}", headers=auth())
+    assert served == [False]
+    assert response.status_code == 200
+    assert response.json()["access_token"] != before["access_token"]
+    assert authserver.token_requests() == fetched + 1
+
+
+def test_expires_in_is_computed_for_each_response(
+    brokers: tuple[TestClient, TestClient], clock: FakeClock, served: list[bool]
+) -> None:
+    fast, slow = brokers
+    warm(fast, slow, clock)
+    first = fast.get(f"/v1/tokens/payments?scope={READ}", headers=auth())
+    clock.advance(123.6)
+    second = fast.get(f"/v1/tokens/payments?scope={READ}", headers=auth())
+    assert served[-2:] == [True, True]
+    assert first.json()["expires_in"] - second.json()["expires_in"] in {123, 124}
+    assert second.json()["expires_at"] == first.json()["expires_at"]
+    assert int(second.headers["content-length"]) == len(second.content)
+
+
+def test_a_fast_hit_is_counted_audited_and_not_logged(
+    brokers: tuple[TestClient, TestClient], clock: FakeClock, served: list[bool]
+) -> None:
+    fast, slow = brokers
+    warm(fast, slow, clock)
+    broker = broker_of(fast)
+    broker.audit.flush()
+    l1_before = broker.tokens.stats.outcomes.get("l1", 0)
+    served.clear()
+    with capture_logs() as during:
+        for _ in range(3):
+            assert fast.get(f"/v1/tokens/payments?scope={READ}", headers=auth()).status_code == 200
+    assert served == [True, True, True]
+    assert during == []
+    assert broker.tokens.stats.outcomes["l1"] == l1_before + 3
+    with capture_logs() as audit:
+        broker.audit.flush()
+    assert [(e["event"], e["caller"], e["credential"], e["scope"], e["source"], e["count"]) for e in audit] == [
+        ("audit.tokens_handed_out", "billing", "payments", READ, "l1", 3)
+    ]
+
+
+def test_refresh_ahead_is_started_by_a_fast_hit(
+    brokers: tuple[TestClient, TestClient], clock: FakeClock, served: list[bool], authserver: AuthServerProcess
+) -> None:
+    fast, slow = brokers
+    warm(fast, slow, clock)
+    current = fast.get(f"/v1/tokens/payments?scope={READ}", headers=auth()).json()
+    clock.advance(0.85 * 3600)  # past the refresh point (0.6-0.8 of the cached window)
+    fetched = authserver.token_requests()
+    served.clear()
+    response = fast.get(f"/v1/tokens/payments?scope={READ}", headers=auth())
+    assert served == [True]
+    assert response.json()["access_token"] == current["access_token"]  # callers keep the current token meanwhile
+    deadline = time.monotonic() + 10
+    while authserver.token_requests() == fetched and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert authserver.token_requests() == fetched + 1
+
+
+def test_access_log_turns_the_fast_path_off(
+    write_config: Callable[..., Path], clock: FakeClock, served: list[bool]
+) -> None:
+    settings = load_settings(write_config("[server]\naccess_log = true\n"))
+    with TestClient(create_app(settings, clock=clock), raise_server_exceptions=False) as client:
+        client.get(f"/v1/tokens/payments?scope={READ}", headers=auth())
+        clock.advance(2)
+        with capture_logs() as logs:
+            assert client.get(f"/v1/tokens/payments?scope={READ}", headers=auth()).status_code == 200
+    assert served == []
+    assert [(e["event"], e["outcome"]) for e in logs if e["event"] == "request"] == [("request", "l1")]
+
+
+@pytest.mark.parametrize(
+    ("access_token", "scope"),
+    [
+        ("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln", f"{READ} {WRITE}"),
+        ('opaque"with\\quotes/and\u2028separators', "urn:é:ünïcode"),
+        ("\x00\x1f control", ""),
+    ],
+)
+def test_pre_encoded_parts_are_the_routes_json(access_token: str, scope: str) -> None:
+    entry = CachedToken(
+        access_token=access_token,
+        scope=scope,
+        expires_at=1_900_000_000.75,
+        fresh_until=0.0,
+        refresh_at=0.0,
+        fetched_at=0.0,
+        fingerprint="f" * 16,
+    )
+    head, tail = token_response_parts(entry)
+    body = {
+        "access_token": access_token,
+        "token_type": "Bearer",
+        "expires_in": 42,
+        "expires_at": "2030-03-17T17:46:40Z",
+        "scope": scope,
+    }
+    assert head + b"42" + tail == JSONResponse(body).body
