@@ -6,6 +6,7 @@ Every problem found is reported as one line naming its key; `load_settings` rais
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tomllib
@@ -64,6 +65,7 @@ class CacheSettings:
     default_expires_in: float = 300.0
     l1_max_entries: int = 10_000
     lock_ttl_seconds: float = 5.0  # shorter than the request deadline; renewed while fetching
+    negative_ttl_seconds: float = 5.0  # how long an upstream refusal is remembered per (credential, scope set)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class UpstreamSettings:
     timeout_seconds: float = 5.0
     max_attempts: int = 3
     discovery_ttl_seconds: float = 3600.0
+    breaker_failures: int = 5  # consecutive transient failures that open a credential's circuit
+    breaker_cooldown_seconds: float = 5.0  # open this long before one probe; doubles while probes fail
 
 
 @dataclass(frozen=True)
@@ -274,121 +278,80 @@ def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
                     table[name[len(prefix) :].lower()] = value
 
 
+_CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "str": (_to_str, "a string"),
+    "str | None": (_to_str, "a string"),
+    "int": (_to_int, "an integer"),
+    "float": (_to_float, "a number"),
+    "bool": (_to_bool, "true or false"),
+    "tuple[float, float]": (_to_pair, "two numbers [low, high]"),
+}
+
+# Inclusive bounds per key: one line each instead of a hand-written check per field.
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "server.port": (0, 65535),
+    "server.workers": (1, 64),
+    "server.request_deadline_seconds": (0.5, 300),
+    "server.max_body_bytes": (1024, 1_048_576),
+    "cache.skew_seconds": (0, 3600),
+    "cache.default_expires_in": (2, 366 * 24 * 3600),
+    "cache.l1_max_entries": (1, 10_000_000),
+    "cache.lock_ttl_seconds": (0.5, 60),
+    "cache.negative_ttl_seconds": (0, 300),
+    "upstream.connect_timeout_seconds": (0.05, 60),
+    "upstream.timeout_seconds": (0.05, 300),
+    "upstream.max_attempts": (1, 10),
+    "upstream.discovery_ttl_seconds": (0, 7 * 24 * 3600),
+    "upstream.breaker_failures": (1, 1000),
+    "upstream.breaker_cooldown_seconds": (0.1, 600),
+}
+
+S = TypeVar("S")
+
+
+def _section(r: _Reader, t: Mapping[str, Any], cls: type[S], name: str) -> S:
+    """Read the flat section `[name]` into the dataclass `cls`: types from its fields, bounds from _BOUNDS."""
+    r.unknown(t, set(cls.__dataclass_fields__), name)  # type: ignore[attr-defined]
+    defaults = cls()
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        key = f"{name}.{f.name}"
+        convert, expected = _CONVERTERS[str(f.type)]
+        value = r.value(t, f.name, key, convert, getattr(defaults, f.name), expected)
+        bounds = _BOUNDS.get(key)
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            r.problem(key, f"must be between {bounds[0]:g} and {bounds[1]:g}, got {value}")
+            value = getattr(defaults, f.name)
+        values[f.name] = value
+    return cls(**values)
+
+
 def _server(r: _Reader, t: Mapping[str, Any]) -> ServerSettings:
-    d = ServerSettings()
-    r.unknown(t, set(ServerSettings.__dataclass_fields__), "server")
-    s = ServerSettings(
-        host=r.value(t, "host", "server.host", _to_str, d.host, "a string"),
-        port=r.value(t, "port", "server.port", _to_int, d.port, "an integer"),
-        workers=r.value(t, "workers", "server.workers", _to_int, d.workers, "an integer"),
-        public_url=r.value(t, "public_url", "server.public_url", _to_str, None, "a URL string"),
-        access_log=r.value(t, "access_log", "server.access_log", _to_bool, False, "true or false"),
-        request_deadline_seconds=r.value(
-            t,
-            "request_deadline_seconds",
-            "server.request_deadline_seconds",
-            _to_float,
-            d.request_deadline_seconds,
-            "a number",
-        ),
-        max_body_bytes=r.value(t, "max_body_bytes", "server.max_body_bytes", _to_int, d.max_body_bytes, "an integer"),
-    )
-    if not 0 <= s.port <= 65535:
-        r.problem("server.port", f"must be between 0 and 65535, got {s.port}")
-    if not 1 <= s.workers <= 64:
-        r.problem("server.workers", f"must be between 1 and 64, got {s.workers}")
+    s = _section(r, t, ServerSettings, "server")
     if s.public_url is not None:
         _check_url(r, "server.public_url", s.public_url)
-    if not 0.5 <= s.request_deadline_seconds <= 300:
-        r.problem("server.request_deadline_seconds", "must be between 0.5 and 300 seconds")
-    if not 1024 <= s.max_body_bytes <= 1_048_576:
-        r.problem("server.max_body_bytes", "must be between 1024 and 1048576")
     return s
 
 
 def _redis(r: _Reader, t: Mapping[str, Any]) -> RedisSettings:
-    r.unknown(t, {"url"}, "redis")
-    url = r.value(t, "url", "redis.url", _to_str, None, "a redis:// URL string") or None
-    if url is not None:
-        scheme = urlsplit(url).scheme
+    redis = _section(r, {k: v for k, v in t.items() if v != ""}, RedisSettings, "redis")  # "" means embedded
+    if redis.url is not None:
+        scheme = urlsplit(redis.url).scheme
         if scheme not in ("redis", "rediss", "unix"):
             r.problem("redis.url", f"must start with redis://, rediss:// or unix://, got {scheme!r}")
-    return RedisSettings(url=url or None)
+    return redis
 
 
 def _cache(r: _Reader, t: Mapping[str, Any]) -> CacheSettings:
-    d = CacheSettings()
-    r.unknown(t, set(CacheSettings.__dataclass_fields__), "cache")
-    c = CacheSettings(
-        skew_seconds=r.value(t, "skew_seconds", "cache.skew_seconds", _to_float, d.skew_seconds, "a number"),
-        refresh_at=r.value(t, "refresh_at", "cache.refresh_at", _to_pair, d.refresh_at, "two numbers [low, high]"),
-        default_expires_in=r.value(
-            t,
-            "default_expires_in",
-            "cache.default_expires_in",
-            _to_float,
-            d.default_expires_in,
-            "a number",
-        ),
-        l1_max_entries=r.value(t, "l1_max_entries", "cache.l1_max_entries", _to_int, d.l1_max_entries, "an integer"),
-        lock_ttl_seconds=r.value(
-            t,
-            "lock_ttl_seconds",
-            "cache.lock_ttl_seconds",
-            _to_float,
-            d.lock_ttl_seconds,
-            "a number",
-        ),
-    )
-    if c.skew_seconds < 0:
-        r.problem("cache.skew_seconds", "must not be negative")
+    c = _section(r, t, CacheSettings, "cache")
     low, high = c.refresh_at
     if not 0 < low <= high < 1:
         r.problem("cache.refresh_at", f"must satisfy 0 < low <= high < 1, got [{low}, {high}]")
-    if c.default_expires_in < 2:
-        r.problem("cache.default_expires_in", "must be at least 2 seconds")
-    if c.l1_max_entries < 1:
-        r.problem("cache.l1_max_entries", "must be at least 1")
-    if not 0.5 <= c.lock_ttl_seconds <= 60:
-        r.problem("cache.lock_ttl_seconds", "must be between 0.5 and 60 seconds")
     return c
 
 
 def _upstream(r: _Reader, t: Mapping[str, Any]) -> UpstreamSettings:
-    d = UpstreamSettings()
-    r.unknown(t, set(UpstreamSettings.__dataclass_fields__), "upstream")
-    u = UpstreamSettings(
-        connect_timeout_seconds=r.value(
-            t,
-            "connect_timeout_seconds",
-            "upstream.connect_timeout_seconds",
-            _to_float,
-            d.connect_timeout_seconds,
-            "a number",
-        ),
-        timeout_seconds=r.value(
-            t,
-            "timeout_seconds",
-            "upstream.timeout_seconds",
-            _to_float,
-            d.timeout_seconds,
-            "a number",
-        ),
-        max_attempts=r.value(t, "max_attempts", "upstream.max_attempts", _to_int, d.max_attempts, "an integer"),
-        discovery_ttl_seconds=r.value(
-            t,
-            "discovery_ttl_seconds",
-            "upstream.discovery_ttl_seconds",
-            _to_float,
-            d.discovery_ttl_seconds,
-            "a number",
-        ),
-    )
-    if u.connect_timeout_seconds <= 0 or u.timeout_seconds <= 0:
-        r.problem("upstream", "timeouts must be positive")
-    if not 1 <= u.max_attempts <= 10:
-        r.problem("upstream.max_attempts", "must be between 1 and 10")
-    return u
+    return _section(r, t, UpstreamSettings, "upstream")
 
 
 _CREDENTIAL_KEYS = {

@@ -10,13 +10,16 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import StoreUnavailable
 from broker.scopes import scope_set_id
@@ -26,9 +29,11 @@ __all__ = [
     "CachedToken",
     "Event",
     "EventSubscriber",
+    "Rejection",
     "Store",
     "connect",
     "fingerprint",
+    "rejection_key",
 ]
 
 log = structlog.get_logger("broker.store")
@@ -45,6 +50,10 @@ def token_key(credential: str, scope_set: str) -> str:
 
 def lock_key(credential: str, scope_set: str) -> str:
     return f"{PREFIX}{{{credential}}}:lock:{scope_set_id(scope_set)}"
+
+
+def rejection_key(credential: str, scope_set: str) -> str:
+    return f"{PREFIX}{{{credential}}}:neg:{scope_set_id(scope_set)}"
 
 
 def fingerprint(access_token: str) -> str:
@@ -102,6 +111,26 @@ class CachedToken:
 
 
 @dataclass(frozen=True, slots=True)
+class Rejection:
+    """A terminal refusal by the authorization server, remembered briefly (negative cache)."""
+
+    description: str
+    upstream_error: str | None
+    upstream_status: int
+
+    def encode(self) -> bytes:
+        return json.dumps({"d": self.description, "e": self.upstream_error, "s": self.upstream_status}).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Rejection | None:
+        try:
+            d = json.loads(raw)
+            return cls(description=str(d["d"]), upstream_error=d["e"], upstream_status=int(d["s"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     op: str  # "set" or "drop"
     key: str
@@ -148,65 +177,86 @@ def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
         url,
         max_connections=max_connections,
         timeout=2.0,
-        socket_connect_timeout=2.0,
-        socket_timeout=2.0,
+        # A cache that answers slower than this is treated as down: callers are served without it.
+        socket_connect_timeout=1.0,
+        socket_timeout=1.0,
         health_check_interval=10,
     )
     return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
 
 
 class Store:
-    def __init__(self, redis: aioredis.Redis) -> None:
+    """Redis access. After a connection failure, calls fail fast (no I/O) for a short while so a
+    dead Redis costs callers nothing; `ping` always goes through and tells when it is back."""
+
+    def __init__(self, redis: aioredis.Redis, *, retry_after: float = 1.0) -> None:
         self.redis = redis
+        self.retry_after = retry_after
+        self.reachable = True
+        self._down_until = 0.0
         self._put = redis.register_script(_PUT)
         self._drop_if = redis.register_script(_DROP_IF)
         self._release = redis.register_script(_RELEASE)
         self._renew = redis.register_script(_RENEW)
 
-    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+    async def _call(self, command: Callable[..., Awaitable[Any]], *args: Any, probe: bool = False, **kw: Any) -> Any:
+        if not probe and not self.reachable and time.monotonic() < self._down_until:
+            raise StoreUnavailable("Redis is unreachable.")
         try:
-            return await awaitable
-        except (RedisError, OSError) as exc:
+            result = await command(*args, **kw)
+        except (ConnectionError, TimeoutError, OSError, RedisConnectionError, RedisTimeoutError) as exc:
+            self._mark(reachable=False)
             raise StoreUnavailable(f"Redis is unreachable ({type(exc).__name__}).") from exc
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis refused a command ({type(exc).__name__}).") from exc
+        if not self.reachable:
+            self._mark(reachable=True)
+        return result
+
+    def _mark(self, *, reachable: bool) -> None:
+        if reachable != self.reachable:
+            if reachable:
+                log.info("redis.reachable_again")
+            else:
+                log.warning("redis.unreachable", note="serving L1 copies and fetching in-process until it is back")
+        self.reachable = reachable
+        if not reachable:
+            self._down_until = time.monotonic() + self.retry_after
 
     async def ping(self) -> bool:
-        return bool(await self._call(self.redis.ping()))
+        return bool(await self._call(self.redis.ping, probe=True))
 
     async def get(self, key: str) -> CachedToken | None:
-        raw = await self._call(self.redis.get(key))
+        raw = await self._call(self.redis.get, key)
         return CachedToken.decode(raw) if raw else None
 
     async def put(self, key: str, entry: CachedToken, ttl_seconds: float) -> bool:
         """Store `entry` unless a token that expires later is already there."""
         ttl_ms = max(1, int(ttl_seconds * 1000))
-        written = await self._call(
-            self._put(
-                keys=[key],
-                args=[
-                    int(entry.expires_at * 1000),
-                    entry.encode(),
-                    ttl_ms,
-                    EVENTS_CHANNEL,
-                    entry.fingerprint,
-                ],
-            )
-        )
-        return bool(written)
+        args = [int(entry.expires_at * 1000), entry.encode(), ttl_ms, EVENTS_CHANNEL, entry.fingerprint]
+        return bool(await self._call(self._put, keys=[key], args=args))
 
     async def drop_if(self, key: str, fp: str) -> bool:
-        return bool(await self._call(self._drop_if(keys=[key], args=[fp, EVENTS_CHANNEL])))
+        return bool(await self._call(self._drop_if, keys=[key], args=[fp, EVENTS_CHANNEL]))
 
     async def acquire_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
-        return bool(await self._call(self.redis.set(key, owner, nx=True, px=int(ttl_seconds * 1000))))
+        return bool(await self._call(self.redis.set, key, owner, nx=True, px=int(ttl_seconds * 1000)))
 
     async def renew_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
-        return bool(await self._call(self._renew(keys=[key], args=[owner, int(ttl_seconds * 1000)])))
+        return bool(await self._call(self._renew, keys=[key], args=[owner, int(ttl_seconds * 1000)]))
 
     async def release_lock(self, key: str, owner: str) -> None:
-        await self._call(self._release(keys=[key], args=[owner]))
+        await self._call(self._release, keys=[key], args=[owner])
 
     async def lock_held(self, key: str) -> bool:
-        return bool(await self._call(self.redis.exists(key)))
+        return bool(await self._call(self.redis.exists, key))
+
+    async def put_rejection(self, key: str, rejection: Rejection, ttl_seconds: float) -> None:
+        await self._call(self.redis.set, key, rejection.encode(), px=max(1, int(ttl_seconds * 1000)))
+
+    async def get_rejection(self, key: str) -> Rejection | None:
+        raw = await self._call(self.redis.get, key)
+        return Rejection.decode(raw) if raw else None
 
 
 class EventSubscriber:

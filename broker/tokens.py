@@ -7,6 +7,7 @@ get ─▶ L1 (this worker, only while subscribed to events) ─▶ L2 (Redis) �
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import OrderedDict
@@ -17,10 +18,10 @@ from typing import Literal
 import structlog
 
 from broker.clock import Clock, SystemClock
-from broker.errors import StoreUnavailable, UpstreamError
+from broker.errors import StoreUnavailable, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from broker.settings import CacheSettings, CredentialSettings
 from broker.singleflight import DistributedFlight, LocalFlight
-from broker.store import CachedToken, Event, Store, fingerprint, lock_key, token_key
+from broker.store import CachedToken, Event, Rejection, Store, fingerprint, lock_key, rejection_key, token_key
 from broker.upstream import FetchedToken, UpstreamClient
 
 __all__ = ["Source", "TokenService", "cache_window", "effective_skew", "is_fresh"]
@@ -47,6 +48,12 @@ def cache_window(lifetime: float, skew: float) -> float:
 
 def is_fresh(entry: CachedToken, now: float) -> bool:
     return now < entry.fresh_until
+
+
+def _rejected(rejection: Rejection) -> UpstreamRejected:
+    return UpstreamRejected(
+        rejection.description, upstream_error=rejection.upstream_error, upstream_status=rejection.upstream_status
+    )
 
 
 def _cacheable(entry: CachedToken, now: float) -> bool:
@@ -121,6 +128,7 @@ class TokenService:
         self._refresh_not_before: dict[str, float] = {}
         self._refreshing: set[str] = set()  # keys whose running flight is a background refresh
         self._refresh_delay: dict[str, float] = {}
+        self._rejections: dict[str, tuple[Rejection, float]] = {}  # key → (refusal, monotonic expiry)
 
     # -- events -------------------------------------------------------------------------------
 
@@ -132,15 +140,21 @@ class TokenService:
         self.distributed.notify(event)
 
     def on_subscription(self, live: bool) -> None:
-        # Any event may have been missed while unsubscribed: start L1 from nothing.
-        self.l1.clear()
+        if live:
+            # Events may have been missed while unsubscribed: start L1 from nothing.
+            self.l1.clear()
         self.l1_enabled = live
+
+    def _l1_usable(self) -> bool:
+        # Subscribed: L1 is kept current by events. Redis unreachable: availability wins, and an
+        # invalidation missed meanwhile is caught by the caller's next report (spec §4.3).
+        return self.l1_enabled or not self.store.reachable
 
     # -- the hot path ---------------------------------------------------------------------------
 
     def get_l1(self, credential: str, scope_set: str, min_ttl: float) -> CachedToken | None:
         """A hit from this worker's memory with no I/O at all, or None."""
-        if not self.l1_enabled:
+        if not (self.l1_enabled or not self.store.reachable):
             return None
         key = token_key(credential, scope_set)
         entry = self.l1.get(key)
@@ -156,9 +170,24 @@ class TokenService:
     async def get(
         self, credential: CredentialSettings, scope_set: str, min_ttl: float = 0.0
     ) -> tuple[CachedToken, Source]:
+        """A token with time left for (credential, scope set), within the request deadline.
+
+        Raises UpstreamError subclasses when no valid token can be had.
+        """
         entry = self.get_l1(credential.name, scope_set, min_ttl)
         if entry is not None:
             return entry, "l1"
+        try:
+            async with asyncio.timeout(self.request_deadline):
+                return await self._get_slow(credential, scope_set, min_ttl)
+        except TimeoutError:
+            raise UpstreamUnavailable(
+                "No token could be obtained within the request deadline.", retry_after=1.0
+            ) from None
+
+    async def _get_slow(
+        self, credential: CredentialSettings, scope_set: str, min_ttl: float
+    ) -> tuple[CachedToken, Source]:
         key = token_key(credential.name, scope_set)
         if key not in self._refreshing:
             # A miss joins a fetch already under way in this process before touching Redis
@@ -170,21 +199,29 @@ class TokenService:
         try:
             entry = await self.store.get(key)
         except StoreUnavailable:
-            entry = None
+            entry = self.l1.get(key)
+        fallback = entry if entry is not None and is_fresh(entry, now) else None
         if entry is not None and self._satisfies(entry, now, min_ttl):
-            if self.l1_enabled:
+            if self._l1_usable():
                 self.l1.put(key, entry)
             if now >= entry.refresh_at:
                 self._refresh_ahead(credential.name, scope_set, key, entry, credential)
             return entry, "l2"
+        self._raise_if_rejected(key)
 
         def accept(candidate: CachedToken) -> bool:
             return self._satisfies(candidate, self.clock.now(), min_ttl)
 
         deadline = time.monotonic() + self.request_deadline
-        (entry, source), led = await self.flights.run(
-            key, lambda: self._fetch(credential, scope_set, key, accept, deadline)
-        )
+        try:
+            (entry, source), led = await self.flights.run(
+                key, lambda: self._fetch(credential, scope_set, key, accept, deadline)
+            )
+        except UpstreamError:
+            # A token that is still valid beats an error, even if it has less than min_ttl left.
+            if fallback is not None and is_fresh(fallback, self.clock.now()):
+                return fallback, "l2"
+            raise
         return entry, (source if led else "coalesced")
 
     def _satisfies(self, entry: CachedToken, now: float, min_ttl: float) -> bool:
@@ -203,9 +240,7 @@ class TokenService:
         deadline: float,
     ) -> tuple[CachedToken, Source]:
         async def fetch_and_store() -> CachedToken:
-            fetched = await self.upstream.fetch(credential, scope_set, deadline)
-            self.stats.upstream_requests += 1
-            entry = self._entry_from(fetched)
+            entry = await self._fetch_upstream(credential, scope_set, key, deadline)
             await self._store(key, entry)
             return entry
 
@@ -215,14 +250,55 @@ class TokenService:
             )
         except StoreUnavailable:
             # Redis is down: availability wins, fetch with in-process single-flight only.
-            log.warning("tokens.store_unavailable_fetching_locally", credential=credential.name)
-            fetched = await self.upstream.fetch(credential, scope_set, deadline)
-            self.stats.upstream_requests += 1
-            return self._entry_from(fetched), "fetched"
-        if self.l1_enabled and _cacheable(entry, self.clock.now()):
+            entry, fetched_here = await self._fetch_upstream(credential, scope_set, key, deadline), True
+        if _cacheable(entry, self.clock.now()) and self._l1_usable():
             self.l1.put(key, entry)
         self._refresh_delay.pop(key, None)
         return entry, ("fetched" if fetched_here else "l2")
+
+    async def _fetch_upstream(
+        self, credential: CredentialSettings, scope_set: str, key: str, deadline: float
+    ) -> CachedToken:
+        """One upstream request, unless the authorization server refused this one a moment ago."""
+        await self._check_rejection(credential.name, scope_set, key)
+        try:
+            fetched = await self.upstream.fetch(credential, scope_set, deadline)
+        except UpstreamRejected as exc:
+            await self._remember_rejection(credential.name, scope_set, key, exc)
+            raise
+        finally:
+            self.stats.upstream_requests += 1
+        return self._entry_from(fetched)
+
+    # -- negative cache -----------------------------------------------------------------------------
+
+    def _raise_if_rejected(self, key: str) -> None:
+        remembered = self._rejections.get(key)
+        if remembered is not None:
+            rejection, until = remembered
+            if time.monotonic() < until:
+                raise _rejected(rejection)
+            del self._rejections[key]
+
+    async def _check_rejection(self, credential: str, scope_set: str, key: str) -> None:
+        self._raise_if_rejected(key)
+        try:
+            rejection = await self.store.get_rejection(rejection_key(credential, scope_set))
+        except StoreUnavailable:
+            return
+        if rejection is not None:
+            raise _rejected(rejection)
+
+    async def _remember_rejection(self, credential: str, scope_set: str, key: str, exc: UpstreamRejected) -> None:
+        ttl = self.cache.negative_ttl_seconds
+        if ttl <= 0:
+            return
+        rejection = Rejection(exc.description, exc.upstream_error, exc.upstream_status)
+        if len(self._rejections) >= self.cache.l1_max_entries:
+            self._rejections.clear()
+        self._rejections[key] = (rejection, time.monotonic() + ttl)
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.put_rejection(rejection_key(credential, scope_set), rejection, ttl)
 
     def _entry_from(self, fetched: FetchedToken) -> CachedToken:
         window = cache_window(fetched.lifetime, self.cache.skew_seconds)
@@ -238,9 +314,11 @@ class TokenService:
         )
 
     async def _store(self, key: str, entry: CachedToken) -> None:
+        """Share the token through Redis; if Redis fails now, the caller still gets its token."""
         now = self.clock.now()
         if _cacheable(entry, now):
-            await self.store.put(key, entry, entry.fresh_until - now)
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.put(key, entry, entry.fresh_until - now)
 
     # -- refresh-ahead ----------------------------------------------------------------------------
 

@@ -131,7 +131,7 @@ async def readyz(request: Request) -> Response:
     broker = _broker(request)
     if not broker.health.redis_seen:
         return JSONResponse({"status": "starting", "redis": "unknown"}, status_code=503)
-    if not broker.health.redis_ok:
+    if not broker.store.reachable:
         return JSONResponse({"status": "degraded", "redis": "unreachable"})
     return JSONResponse({"status": "ok", "redis": "ok"})
 

@@ -17,7 +17,6 @@ __all__ = ["Broker", "Health"]
 @dataclass
 class Health:
     redis_seen: bool = False  # Redis has answered at least once since start
-    redis_ok: bool = False
 
 
 @dataclass

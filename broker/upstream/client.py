@@ -12,9 +12,10 @@ import httpx
 import structlog
 
 from broker.clock import Clock, SystemClock
-from broker.errors import UpstreamInvalidResponse, UpstreamUnavailable
+from broker.errors import UpstreamInvalidResponse, UpstreamRejected, UpstreamUnavailable
 from broker.settings import CredentialSettings, UpstreamSettings
 from broker.upstream.auth import client_auth_for
+from broker.upstream.breaker import CircuitBreaker
 from broker.upstream.response import (
     MAX_BODY_BYTES,
     FetchedToken,
@@ -80,24 +81,32 @@ class UpstreamClient:
         self.clock = clock or SystemClock()
         self._discovered: dict[str, _Discovered] = {}
         self._discovery_locks: dict[str, asyncio.Lock] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
+
+    def breaker(self, credential: str) -> CircuitBreaker:
+        breaker = self._breakers.get(credential)
+        if breaker is None:
+            breaker = self._breakers[credential] = CircuitBreaker(
+                credential, failures=self.settings.breaker_failures, cooldown=self.settings.breaker_cooldown_seconds
+            )
+        return breaker
 
     async def fetch(self, credential: CredentialSettings, scope_set: str, deadline: float) -> FetchedToken:
         """One token for (credential, scope set), retrying transient failures until `deadline`.
 
         `deadline` is a time.monotonic() value. Raises an UpstreamError subclass.
         """
+        breaker = self.breaker(credential.name)
         attempt = 0
         while True:
             attempt += 1
+            breaker.before_request()
             try:
-                return await self._attempt(credential, scope_set, deadline, attempt)
+                token = await self._attempt(credential, scope_set, deadline, attempt)
             except UpstreamUnavailable as exc:
-                remaining = deadline - time.monotonic()
-                if attempt >= self.settings.max_attempts or remaining <= 0:
-                    raise
-                backoff = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (attempt - 1)))  # noqa: S311
-                delay = max(backoff, exc.retry_after or 0.0)
-                if delay >= remaining:
+                breaker.record_failure()
+                delay = self._retry_delay(exc, attempt, deadline)
+                if delay is None:
                     raise
                 log.info(
                     "upstream.retry",
@@ -107,6 +116,23 @@ class UpstreamClient:
                     reason=exc.description,
                 )
                 await asyncio.sleep(delay)
+                continue
+            except UpstreamRejected:
+                breaker.record_success()  # a refusal proves the server is up
+                raise
+            except UpstreamInvalidResponse:
+                breaker.record_failure()
+                raise
+            breaker.record_success()
+            return token
+
+    def _retry_delay(self, exc: UpstreamUnavailable, attempt: int, deadline: float) -> float | None:
+        """Exponential backoff with full jitter, at least Retry-After; None when out of attempts or time."""
+        if attempt >= self.settings.max_attempts:
+            return None
+        backoff = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (attempt - 1)))  # noqa: S311
+        delay = max(backoff, exc.retry_after or 0.0)
+        return delay if time.monotonic() + delay < deadline else None
 
     async def _attempt(
         self, credential: CredentialSettings, scope_set: str, deadline: float, attempt: int
