@@ -61,20 +61,11 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 async def _watch_redis(store: Store, health: Health) -> None:
-    """Keeps readiness honest: Redis answered once → ready; unreachable later → degraded."""
-    warned = False
+    """Keeps readiness honest and notices Redis coming back (the store logs the transitions)."""
     while True:
-        try:
+        with contextlib.suppress(StoreUnavailable):
             await store.ping()
-            health.redis_seen = health.redis_ok = True
-            if warned:
-                log.info("redis.reachable_again")
-            warned = False
-        except StoreUnavailable:
-            health.redis_ok = False
-            if health.redis_seen and not warned:
-                log.warning("redis.unreachable")
-                warned = True
+            health.redis_seen = True
         await asyncio.sleep(_HEALTH_INTERVAL)
 
 
