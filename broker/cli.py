@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -49,9 +50,20 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def _run_uvicorn(host: str, port: int, workers: int) -> None:
     import uvicorn  # noqa: PLC0415 - heavy, only for serving
 
+    # Metrics of all workers add up through files in one directory (prometheus-client's
+    # multiprocess mode); it must be set before any worker imports prometheus_client.
+    metrics_dir = tempfile.TemporaryDirectory(prefix="token-broker-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
     # uvicorn re-raises the signal it shut down for once it restored the previous handler: make
     # that handler an exit, so `finally` blocks (stopping the embedded Redis) still run.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        _uvicorn_run(uvicorn, host, port, workers)
+    finally:
+        metrics_dir.cleanup()
+
+
+def _uvicorn_run(uvicorn: Any, host: str, port: int, workers: int) -> None:
     uvicorn.run(
         "broker.api.app:app_from_env",
         factory=True,

@@ -12,13 +12,13 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Literal
 
 import structlog
 
 from broker.clock import Clock, SystemClock
 from broker.errors import StoreUnavailable, UpstreamError, UpstreamRejected, UpstreamUnavailable
+from broker.metrics import Stats
 from broker.settings import CacheSettings, CredentialSettings
 from broker.singleflight import DistributedFlight, LocalFlight
 from broker.store import CachedToken, Event, Rejection, Store, fingerprint, lock_key, rejection_key, token_key
@@ -88,17 +88,6 @@ class L1Cache:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-@dataclass
-class Stats:
-    """Counters for what the token service did (exported as metrics by a later layer)."""
-
-    outcomes: dict[str, int] = field(default_factory=dict)
-    upstream_requests: int = 0
-
-    def count(self, outcome: str) -> None:
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
 
 class TokenService:
@@ -189,10 +178,14 @@ class TokenService:
         self, credential: CredentialSettings, scope_set: str, min_ttl: float
     ) -> tuple[CachedToken, Source]:
         key = token_key(credential.name, scope_set)
-        if key not in self._refreshing:
-            # A miss joins a fetch already under way in this process before touching Redis
-            # (not a background refresh: its failure must stay invisible to callers).
-            joined = await self.flights.join(key)
+        # A miss joins a fetch already under way in this process before touching Redis
+        # (not a background refresh: its failure must stay invisible to callers).
+        if key not in self._refreshing and self.flights.running(key):
+            self.stats.waiters += 1
+            try:
+                joined = await self.flights.join(key)
+            finally:
+                self.stats.waiters -= 1
             if joined is not None:
                 return joined[0], "coalesced"
         now = self.clock.now()
@@ -213,6 +206,7 @@ class TokenService:
             return self._satisfies(candidate, self.clock.now(), min_ttl)
 
         deadline = time.monotonic() + self.request_deadline
+        self.stats.waiters += 1
         try:
             (entry, source), led = await self.flights.run(
                 key, lambda: self._fetch(credential, scope_set, key, accept, deadline)
@@ -222,6 +216,8 @@ class TokenService:
             if fallback is not None and is_fresh(fallback, self.clock.now()):
                 return fallback, "l2"
             raise
+        finally:
+            self.stats.waiters -= 1
         return entry, (source if led else "coalesced")
 
     def _satisfies(self, entry: CachedToken, now: float, min_ttl: float) -> bool:
@@ -266,8 +262,6 @@ class TokenService:
         except UpstreamRejected as exc:
             await self._remember_rejection(credential.name, scope_set, key, exc)
             raise
-        finally:
-            self.stats.upstream_requests += 1
         return self._entry_from(fetched)
 
     # -- negative cache -----------------------------------------------------------------------------

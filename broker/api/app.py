@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from broker import metrics
 from broker import store as store_mod
 from broker.api import routes
 from broker.api.fastpath import FastPath
@@ -37,9 +38,20 @@ _HEALTH_INTERVAL = 1.0
 _HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed"}
 
 
+_OUTCOMES = {
+    "upstream_rejected": "rejected",
+    "upstream_unavailable": "unavailable",
+    "upstream_invalid_response": "invalid_response",
+}
+
+
 async def _broker_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BrokerError)  # noqa: S101 - registered for BrokerError only
     request.state.error = exc.code
+    broker: Broker | None = getattr(request.state, "broker", None)
+    if broker is not None:
+        credential = getattr(request.state, "credential", None) or "-"
+        broker.tokens.stats.refused(credential, _OUTCOMES.get(exc.code, "refused"))
     return JSONResponse(exc.body(), status_code=exc.status, headers={"Cache-Control": "no-store", **exc.headers()})
 
 
@@ -58,6 +70,12 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(
         {"error": "server_error", "error_description": "The broker hit an unexpected error."}, status_code=500
     )
+
+
+async def _flush_metrics(tokens: TokenService, interval: float = 1.0) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        tokens.stats.flush(len(tokens.l1))
 
 
 async def _watch_redis(store: Store, health: Health) -> None:
@@ -99,16 +117,20 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         audit.start()
         subscriber.start()
         watcher = asyncio.create_task(_watch_redis(store, health), name="tb-health")
+        flusher = asyncio.create_task(_flush_metrics(tokens), name="tb-metrics")
         await subscriber.wait_live(2.0)
         try:
             yield {"broker": Broker(settings, callers, tokens, store, health, clock, audit)}
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in (watcher, flusher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await subscriber.stop()
             await tokens.flights.cancel_all()
             await audit.stop()
+            tokens.stats.flush(0)
+            metrics.worker_exit()
             await http.aclose()
             with contextlib.suppress(Exception):
                 await redis.aclose()
@@ -119,6 +141,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             Route("/v1/tokens/{credential}/invalidate", routes.invalidate_token, methods=["POST"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
             Route("/openapi.yaml", routes.openapi, methods=["GET"]),
         ],
         middleware=[

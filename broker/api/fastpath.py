@@ -146,7 +146,8 @@ class FastPath:
         if entry is None:
             return None
         encoded = self._encode(entry)
-        expires_in = b"%d" % max(0, int(entry.expires_at - broker.clock.now()))
+        ttl = entry.expires_at - broker.clock.now()
+        expires_in = b"%d" % max(0, int(ttl))
         body = encoded.head + expires_in + encoded.tail
         headers = encoded.headers.get(len(body))
         if headers is None:
@@ -156,7 +157,7 @@ class FastPath:
                 (b"content-length", b"%d" % len(body)),
                 (b"content-type", b"application/json"),
             ]
-        broker.tokens.stats.count("l1")
+        broker.tokens.stats.handout(name, "l1", ttl)
         broker.audit.record(caller.name, name, scope_set, entry.fingerprint, "l1")
         return (
             {"type": "http.response.start", "status": 200, "headers": headers},

@@ -11,13 +11,14 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from broker import metrics as metrics_mod
 from broker import scopes
 from broker.api.state import Broker
 from broker.callers import CallerRegistry
 from broker.errors import InvalidRequest
 from broker.settings import CallerSettings, CredentialSettings
 
-__all__ = ["get_token", "healthz", "invalidate_token", "openapi", "readyz"]
+__all__ = ["get_token", "healthz", "invalidate_token", "metrics", "openapi", "readyz"]
 
 MAX_MIN_TTL = 366 * 24 * 3600
 MAX_QUERY_BYTES = 4096
@@ -73,14 +74,14 @@ async def get_token(request: Request) -> Response:
     scope_set = _scope_set(credential, granted, raw_scope)
     entry, source = await broker.tokens.get(credential, scope_set, min_ttl)
     request.state.outcome = source
-    broker.tokens.stats.count(source)
+    ttl = entry.expires_at - broker.clock.now()
+    broker.tokens.stats.handout(credential.name, source, ttl)
     caller: CallerSettings = request.state.caller
     broker.audit.record(caller.name, credential.name, scope_set, entry.fingerprint, source)
-    now = broker.clock.now()
     body = {
         "access_token": entry.access_token,
         "token_type": "Bearer",
-        "expires_in": max(0, int(entry.expires_at - now)),
+        "expires_in": max(0, int(ttl)),
         "expires_at": datetime.fromtimestamp(entry.expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "scope": entry.scope,
     }
@@ -134,6 +135,12 @@ async def readyz(request: Request) -> Response:
     if not broker.store.reachable:
         return JSONResponse({"status": "degraded", "redis": "unreachable"})
     return JSONResponse({"status": "ok", "redis": "ok"})
+
+
+async def metrics(request: Request) -> Response:
+    broker = _broker(request)
+    broker.tokens.stats.flush(len(broker.tokens.l1))  # this worker's latest; others flush every second
+    return Response(metrics_mod.render(), media_type=metrics_mod.CONTENT_TYPE_LATEST)
 
 
 async def openapi(request: Request) -> Response:

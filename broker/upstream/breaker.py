@@ -14,6 +14,7 @@ from enum import Enum
 import structlog
 
 from broker.errors import UpstreamUnavailable
+from broker.metrics import breaker_state
 
 __all__ = ["BreakerState", "CircuitBreaker"]
 
@@ -55,7 +56,7 @@ class CircuitBreaker:
         if self.state is BreakerState.OPEN:
             if now < self._open_until:
                 raise self._refusal(self._open_until - now)
-            self.state = BreakerState.HALF_OPEN
+            self._set(BreakerState.HALF_OPEN)
             self._probing = False
         if self._probing:
             raise self._refusal(self._cooldown)
@@ -65,7 +66,7 @@ class CircuitBreaker:
         """The server answered (a token, or a refusal that proves it is up)."""
         if self.state is not BreakerState.CLOSED:
             log.info("upstream.breaker_closed", credential=self.name)
-        self.state = BreakerState.CLOSED
+            self._set(BreakerState.CLOSED)
         self._consecutive = 0
         self._cooldown = self.base_cooldown
         self._probing = False
@@ -79,8 +80,12 @@ class CircuitBreaker:
         elif self.state is BreakerState.CLOSED and self._consecutive >= self.failures:
             self._open(reason=f"{self._consecutive} consecutive failures")
 
+    def _set(self, state: BreakerState) -> None:
+        self.state = state
+        breaker_state(self.name, state.value)
+
     def _open(self, reason: str) -> None:
-        self.state = BreakerState.OPEN
+        self._set(BreakerState.OPEN)
         self._probing = False
         self._open_until = self.monotonic() + self._cooldown
         log.warning("upstream.breaker_opened", credential=self.name, reason=reason, cooldown=self._cooldown)

@@ -13,6 +13,7 @@ import structlog
 
 from broker.clock import Clock, SystemClock
 from broker.errors import UpstreamInvalidResponse, UpstreamRejected, UpstreamUnavailable
+from broker.metrics import observe_upstream
 from broker.settings import CredentialSettings, UpstreamSettings
 from broker.upstream.auth import client_auth_for
 from broker.upstream.breaker import CircuitBreaker
@@ -159,21 +160,23 @@ class UpstreamClient:
                     body = await _Body.read(response)
                     content_type = response.headers.get("content-type")
                     retry_after = response.headers.get("retry-after")
-        except TimeoutError:
-            raise UpstreamUnavailable("The authorization server did not answer in time.") from None
-        except httpx.TimeoutException:
+        except (TimeoutError, httpx.TimeoutException):
+            status = "timeout"
             raise UpstreamUnavailable("The authorization server did not answer in time.") from None
         except httpx.TransportError as exc:
+            status = "unreachable"
             raise UpstreamUnavailable(
                 f"The authorization server could not be reached ({type(exc).__name__})."
             ) from None
         finally:
+            elapsed = time.monotonic() - started
+            observe_upstream(credential.name, str(status), elapsed)
             log.info(
                 "upstream.token_request",
                 credential=credential.name,
                 status=status,
                 attempt=attempt,
-                duration_ms=round((time.monotonic() - started) * 1000, 1),
+                duration_ms=round(elapsed * 1000, 1),
             )
         if status == 200:
             return parse_token_response(
