@@ -32,7 +32,7 @@ TOKEN_REQUESTS = Counter(
     f"{_NS}_token_requests", "Token requests by credential and outcome.", ["credential", "outcome"]
 )
 HANDOUT_TTL_SUM = Counter(
-    f"{_NS}_token_handout_ttl_seconds_sum",
+    f"{_NS}_token_handout_ttl_seconds",
     "Seconds of life left on tokens handed out (divide by token_requests for the average).",
     ["credential"],
 )
