@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from broker import redis_client
 from broker import scopes as scopes_mod
 from broker.errors import ConfigError, InvalidRequest
 from broker.secret import Secret
@@ -52,10 +53,16 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class RedisSettings:
-    url: str | None = None  # None: start an embedded redis-server (spec §7.1)
+    url: str | None = None  # None: start an embedded redis-server (spec §7.1); forms: broker/redis_client.py
+    tls_ca_file: str | None = None  # rediss: CA bundle the server certificate must chain to (else the system's)
+    tls_cert_file: str | None = None  # rediss: client certificate, for servers that require one
+    tls_key_file: str | None = None  # its private key, unless tls_cert_file holds it too
 
     def __repr__(self) -> str:
-        return f"RedisSettings(url={redact_url(self.url)!r})"
+        return (
+            f"RedisSettings(url={redact_url(self.url)!r}, tls_ca_file={self.tls_ca_file!r},"
+            f" tls_cert_file={self.tls_cert_file!r}, tls_key_file={self.tls_key_file!r})"
+        )
 
 
 @dataclass(frozen=True)
@@ -119,7 +126,7 @@ def redact_url(url: str | None) -> str | None:
     if parts.password is not None:
         parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
     if parts.query:
-        query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query, True)]
+        query = [(k, "***" if k.lower().endswith("password") else v) for k, v in parse_qsl(parts.query, True)]
         parts = parts._replace(query=urlencode(query, safe="*"))
     return parts.geturl()
 
@@ -335,10 +342,26 @@ def _server(r: _Reader, t: Mapping[str, Any]) -> ServerSettings:
 
 def _redis(r: _Reader, t: Mapping[str, Any]) -> RedisSettings:
     redis = _section(r, {k: v for k, v in t.items() if v != ""}, RedisSettings, "redis")  # "" means embedded
+    tls = False
     if redis.url is not None:
-        scheme = urlsplit(redis.url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            r.problem("redis.url", f"must start with redis://, rediss:// or unix://, got {scheme!r}")
+        try:
+            tls = redis_client.parse_url(redis.url).tls
+        except redis_client.RedisURLError as exc:
+            r.problem("redis.url", str(exc))
+            tls = True  # the file keys are still checked below
+    files = {"tls_ca_file": redis.tls_ca_file, "tls_cert_file": redis.tls_cert_file, "tls_key_file": redis.tls_key_file}
+    for name, path in files.items():
+        if path is None:
+            continue
+        if not tls:
+            scheme = "an embedded server" if redis.url is None else f"{urlsplit(redis.url).scheme}://"
+            r.problem(f"redis.{name}", f"is only used with a TLS URL (rediss://…), not with {scheme}")
+        elif not Path(path).is_file():
+            r.problem(f"redis.{name}", f"no such file: {path}")
+        elif not os.access(path, os.R_OK):
+            r.problem(f"redis.{name}", f"cannot read {path}")
+    if redis.tls_key_file is not None and redis.tls_cert_file is None:
+        r.problem("redis.tls_key_file", "needs redis.tls_cert_file (the client certificate it belongs to)")
     return redis
 
 

@@ -17,11 +17,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import StoreUnavailable
+from broker.redis_client import connect  # re-exported: the client for any topology
 from broker.scopes import scope_set_id
 
 __all__ = [
@@ -170,21 +172,6 @@ return 0
 """
 
 
-def connect(url: str, max_connections: int = 256) -> aioredis.Redis:
-    # A blocking pool: a burst of requests waits for a connection instead of failing with
-    # "Too many connections" (which would look like Redis being down).
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=2.0,
-        # A cache that answers slower than this is treated as down: callers are served without it.
-        socket_connect_timeout=1.0,
-        socket_timeout=1.0,
-        health_check_interval=10,
-    )
-    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
-
-
 class Store:
     """Redis access. After a connection failure, calls fail fast (no I/O) for a short while so a
     dead Redis costs callers nothing; `ping` always goes through and tells when it is back."""
@@ -267,7 +254,7 @@ class EventSubscriber:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: aioredis.Redis | RedisCluster,
         on_event: Callable[[Event], None],
         on_state: Callable[[bool], None],
     ) -> None:
@@ -309,8 +296,13 @@ class EventSubscriber:
         delay = 0.1
         warned = False
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=False)
+            pubsub: Any = None
             try:
+                if isinstance(self.redis, RedisCluster):
+                    # A cluster client routes SUBSCRIBE by the channel's slot: it needs the slot map
+                    # first. PUBLISH reaches every node of a cluster, so any one node will do.
+                    await self.redis.initialize()
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=False)
                 await pubsub.subscribe(EVENTS_CHANNEL)
                 async for message in pubsub.listen():
                     kind = message.get("type")
@@ -326,10 +318,11 @@ class EventSubscriber:
                 self._set_live(False)
                 await self._close(pubsub)
                 raise
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever it was, a dead subscriber would leave L1 off for good
                 self._set_live(False)
                 if not warned:
-                    log.warning("store.events_unsubscribed", reason=type(exc).__name__)
+                    # The detail says why (refused, TLS verification failed, auth…); no secrets in it.
+                    log.warning("store.events_unsubscribed", reason=type(exc).__name__, detail=str(exc)[:300])
                     warned = True
             await self._close(pubsub)
             await asyncio.sleep(delay)
@@ -337,8 +330,9 @@ class EventSubscriber:
 
     @staticmethod
     async def _close(pubsub: Any) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await pubsub.aclose()
+        if pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
 
     @staticmethod
     def _parse(data: Any) -> Event | None:

@@ -15,8 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from broker import metrics
-from broker import store as store_mod
+from broker import metrics, redis_client
 from broker.api import routes
 from broker.api.fastpath import FastPath
 from broker.api.middleware import CallerAuth, RequestLog
@@ -97,7 +96,12 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         if settings.redis.url is None:
             raise RuntimeError("create_app needs a Redis URL; `token-broker serve` starts an embedded one")
-        redis = store_mod.connect(settings.redis.url)
+        redis = redis_client.connect(
+            settings.redis.url,
+            tls_ca_file=settings.redis.tls_ca_file,
+            tls_cert_file=settings.redis.tls_cert_file,
+            tls_key_file=settings.redis.tls_key_file,
+        )
         store = Store(redis)
         http = new_http_client(settings.upstream)
         upstream = UpstreamClient(
