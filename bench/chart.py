@@ -24,7 +24,7 @@ def _bars(ax: Any, groups: list[str], series: list[tuple[str, str, list[float | 
                     fontsize=7,
                 )
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", ncols=2)
 
 
 def render(result: dict[str, Any], path: Path) -> None:
@@ -61,7 +61,7 @@ def render(result: dict[str, Any], path: Path) -> None:
     _bars(left, groups, series, "{:,.0f}")
     left.set_title("Hit throughput, wrk: 1 thread, 32 keep-alive connections", fontsize=9)
     left.set_ylabel("requests/s (median of alternating runs)")
-    left.set_ylim(0, max(v or 0 for _, _, vs in series for v in vs) * 1.25)
+    left.set_ylim(0, max(v or 0 for _, _, vs in series for v in vs) * 1.35)
 
     p_groups: list[str] = []
     base_p99: list[float | None] = []

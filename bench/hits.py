@@ -84,8 +84,8 @@ def run(
         "broker_rps": [r["rps"] for r in runs["broker"]],
         "ratios": [round(r, 3) for r in ratios],
         "median_ratio": round(median(ratios), 3),
-        "baseline_p99_ms": median([r["latency_ms"]["p99"] for r in runs["baseline"]]),
-        "broker_p99_ms": median([r["latency_ms"]["p99"] for r in runs["broker"]]),
+        "baseline_p99_ms": round(median([r["latency_ms"]["p99"] for r in runs["baseline"]]), 3),
+        "broker_p99_ms": round(median([r["latency_ms"]["p99"] for r in runs["broker"]]), 3),
         "errors": errors,
         "target": THROUGHPUT_TARGET,
         "stretch": THROUGHPUT_STRETCH,
@@ -105,8 +105,8 @@ def run(
 
 
 def _latency_result(workers: int, settings: LatencySettings, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    baseline_p99 = median([r["p99_ms"] for r in runs["baseline"]])
-    broker_p99 = median([r["p99_ms"] for r in runs["broker"]])
+    baseline_p99 = round(median([r["p99_ms"] for r in runs["baseline"]]), 3)
+    broker_p99 = round(median([r["p99_ms"] for r in runs["broker"]]), 3)
     ok = all(r["errors"] == 0 and set(r["statuses"]) == {"200"} for rs in runs.values() for r in rs)
     return {
         "workers": workers,
@@ -115,8 +115,10 @@ def _latency_result(workers: int, settings: LatencySettings, runs: dict[str, lis
         "rounds": settings.rounds,
         "baseline": runs["baseline"],
         "broker": runs["broker"],
-        "baseline_p50_ms": median([r["p50_ms"] for r in runs["baseline"]]),
-        "broker_p50_ms": median([r["p50_ms"] for r in runs["broker"]]),
+        "baseline_p50_ms": round(median([r["p50_ms"] for r in runs["baseline"]]), 3),
+        "broker_p50_ms": round(median([r["p50_ms"] for r in runs["broker"]]), 3),
+        "baseline_service_p99_ms": round(median([r["service_p99_ms"] for r in runs["baseline"]]), 3),
+        "broker_service_p99_ms": round(median([r["service_p99_ms"] for r in runs["broker"]]), 3),
         "baseline_p99_ms": baseline_p99,
         "broker_p99_ms": broker_p99,
         "p99_delta_ms": round(broker_p99 - baseline_p99, 3),
