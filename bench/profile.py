@@ -84,7 +84,9 @@ def summarise(raw: str, top: int = 15) -> dict[str, Any]:
         layers[_layer(leaf_file)] += count
 
     def share(counter: Counter[str]) -> list[dict[str, Any]]:
-        return [{"function": k, "pct": round(100 * v / total, 1)} for k, v in counter.most_common(top)]
+        # Frames on (nearly) every stack are the server's entry points: they say nothing.
+        shown = [(k, v) for k, v in counter.most_common() if v < 0.95 * total]
+        return [{"function": k, "pct": round(100 * v / total, 1)} for k, v in shown[:top]]
 
     return {
         "samples": total,
