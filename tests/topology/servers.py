@@ -18,11 +18,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import httpx
 import pytest
 import redis
 
 from broker.embedded_redis import find_redis_server
-from tests.support import free_port
+from tests.integration.workers import pin_connections
+from tests.support import BrokerProcess, free_port
 
 __all__ = [
     "RedisProcess",
@@ -254,3 +256,18 @@ async def burst_through_small_pool(url: str, commands: int = 200, connections: i
         assert store.reachable
     finally:
         await client.aclose()
+
+
+async def pin_every_worker(
+    broker: BrokerProcess, per_worker: int, stack: contextlib.AsyncExitStack, seconds: float = 10.0
+) -> dict[int, list[httpx.AsyncClient]]:
+    """tests.integration.workers.pin_connections, retried while a worker is still starting (a busy
+    machine can keep one worker out of accept() for a while after the broker first answers)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return await pin_connections(broker, per_worker, stack)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)

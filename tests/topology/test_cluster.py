@@ -19,9 +19,8 @@ import pytest
 from broker.store import EVENTS_CHANNEL, lock_key, rejection_key, token_key
 from tests.conftest import READ, WRITE, auth, config_text
 from tests.integration.conftest import StartBrokers
-from tests.integration.workers import pin_connections
 from tests.support import AuthServerProcess
-from tests.topology.servers import RedisProcess, burst_through_small_pool, start_cluster
+from tests.topology.servers import RedisProcess, burst_through_small_pool, pin_every_worker, start_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +70,7 @@ async def test_cluster(
     assert owner is not listener, "test set-up: the credential's node should not be the one the workers listen on"
 
     async with contextlib.AsyncExitStack() as stack:
-        pinned = await pin_connections(broker, per_worker=40, stack=stack)
+        pinned = await pin_every_worker(broker, per_worker=40, stack=stack)
         clients = [c for per_worker in pinned.values() for c in per_worker]
 
         # 2. A stampede of cold requests over both workers: one upstream request.

@@ -29,8 +29,8 @@ import pytest
 
 from tests.conftest import READ, WRITE, auth
 from tests.integration.conftest import StartBrokers
-from tests.integration.workers import pin_connections
 from tests.support import AuthServerProcess
+from tests.topology.servers import pin_every_worker
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ async def test_three_replicas_one_upstream_request_per_lifetime_and_shared_inval
     # Another scope set (its own key) with long-lived tokens: no refresh-ahead interferes.
     authserver.configure(lifetime=3600)
     async with contextlib.AsyncExitStack() as stack:
-        pinned = [await pin_connections(b, per_worker=1, stack=stack) for b in brokers]
+        pinned = [await pin_every_worker(b, per_worker=1, stack=stack) for b in brokers]
         workers = [clients[0] for per_broker in pinned for clients in per_broker.values()]
         assert len(workers) == REPLICAS * WORKERS
 

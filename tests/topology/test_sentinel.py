@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -20,9 +21,8 @@ import pytest
 from broker.store import EVENTS_CHANNEL, token_key
 from tests.conftest import READ, WRITE, auth, config_text
 from tests.integration.conftest import StartBrokers
-from tests.integration.workers import pin_connections
 from tests.support import AuthServerProcess
-from tests.topology.servers import RedisProcess, burst_through_small_pool, start_sentinel_group
+from tests.topology.servers import RedisProcess, burst_through_small_pool, pin_every_worker, start_sentinel_group
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +42,18 @@ async def wait_for(what: str, check: object, seconds: float) -> float:
     return time.monotonic() - started
 
 
+async def _redis_ok(client: httpx.AsyncClient) -> bool:
+    return bool((await client.get("/readyz")).json().get("redis") == "ok")
+
+
+async def wait_for_async(what: str, check: Callable[[], Awaitable[bool]], seconds: float) -> None:
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > seconds:
+            raise AssertionError(f"{what}: not within {seconds} s")
+        await asyncio.sleep(0.05)
+
+
 async def test_sentinel_failover_during_traffic(
     tmp_path: Path,
     redis_processes: list[RedisProcess],
@@ -57,7 +69,7 @@ async def test_sentinel_failover_during_traffic(
     read_key, write_key = token_key("payments", READ), token_key("payments", WRITE)
 
     async with contextlib.AsyncExitStack() as stack:
-        pinned = await pin_connections(broker, per_worker=1, stack=stack)
+        pinned = await pin_every_worker(broker, per_worker=1, stack=stack)
         workers = [clients[0] for clients in pinned.values()]
         results: list[tuple[float, int, str | None]] = []  # (latency, status, token)
         stop = asyncio.Event()
@@ -112,25 +124,36 @@ async def test_sentinel_failover_during_traffic(
             await asyncio.gather(*loops)
 
         statuses = [status for _, status, _ in results]
-        read_tokens = {token for _, _, token in results}
+        read_tokens = [token for _, _, token in results]
         assert statuses == [200] * len(results), f"not every request was answered: {set(statuses)}"
-        assert len(read_tokens) == 1, "the token changed across the failover"
-        (old,) = read_tokens
+        # Usually one token throughout (L1, then L2 from the promoted replica). A worker whose
+        # subscription returns while the store still fails fast (its 1 s back-off after the outage)
+        # starts from an empty L1 and fetches in-process: at most one more token per worker.
+        distinct = len(set(read_tokens))
+        assert distinct <= 1 + len(workers), f"{distinct} tokens for one key across one failover"
 
-        # An invalidation reported to one worker reaches the other through the new master.
-        report = await workers[0].post(INVALIDATE, json={"access_token": old, "scope": READ}, headers=auth())
+        # Once both workers see Redis again, an invalidation reported to one reaches the other
+        # through the new master. A scope set not used so far, so both start from the same L2 entry.
+        both = f"{READ} {WRITE}"
+        for client in workers:
+            await wait_for_async("worker ready again", lambda c=client: _redis_ok(c), 5)
+        first = (await workers[0].get(TOKENS, params={"scope": both}, headers=auth())).json()["access_token"]
+        second = (await workers[1].get(TOKENS, params={"scope": both}, headers=auth())).json()["access_token"]
+        assert second == first
+        report = await workers[0].post(INVALIDATE, json={"access_token": first, "scope": both}, headers=auth())
         assert report.status_code == 204
         started = time.monotonic()
         while True:
-            response = await workers[1].get(TOKENS, params={"scope": READ}, headers=auth())
-            if response.json()["access_token"] != old or time.monotonic() - started > 1.0:
+            response = await workers[1].get(TOKENS, params={"scope": both}, headers=auth())
+            if response.json()["access_token"] != first or time.monotonic() - started > 1.0:
                 break
             await asyncio.sleep(0.02)
-        assert response.json()["access_token"] != old, "the other worker still serves the invalidated token"
+        assert response.json()["access_token"] != first, "the other worker still serves the invalidated token"
 
     slowest = max(latency for latency, _, _ in results)
     print(
         f"\nsentinel failover: promoted {promoted:.1f} s after SIGKILL; {len(results)} requests all 200"
         f" ({during} before promotion), slowest {slowest * 1000:.0f} ms; new key cached in the new master"
-        f" {cached_after:.1f} s after the kill; upstream requests {authserver.token_requests()}"
+        f" {cached_after:.1f} s after the kill; {distinct} distinct token(s) for the key in steady use;"
+        f" upstream requests {authserver.token_requests()}"
     )
