@@ -210,6 +210,11 @@ class Store:
         if not reachable:
             self._down_until = time.monotonic() + self.retry_after
 
+    def answered(self) -> None:
+        """Redis answered on another connection (e.g. the events subscription came back)."""
+        if not self.reachable:
+            self._mark(reachable=True)
+
     async def ping(self) -> bool:
         return bool(await self._call(self.redis.ping, probe=True))
 

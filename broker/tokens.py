@@ -130,7 +130,9 @@ class TokenService:
 
     def on_subscription(self, live: bool) -> None:
         if live:
-            # Events may have been missed while unsubscribed: start L1 from nothing.
+            # Events may have been missed while unsubscribed: start L1 from nothing, and read
+            # Redis again at once (it just answered) instead of waiting out its fail-fast pause.
+            self.store.answered()
             self.l1.clear()
         self.l1_enabled = live
 
