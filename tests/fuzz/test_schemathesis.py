@@ -1,0 +1,177 @@
+"""Schemathesis: openapi.yaml against a live broker process (real Redis, the real test
+authorization server), every operation, positive and negative cases, and a stateful run
+along the document's links (get a token, then report it as rejected).
+
+Checks: no server error, status code / content type / headers / body schema as documented,
+405 with `Allow` for undocumented methods, schema-valid requests accepted and schema-invalid
+ones rejected, and the error contract of spec §3.3 (JSON body with `error` and
+`error_description`, nothing internal or secret) on every 4xx/5xx answer.
+
+Run with `-s` to see the number of cases.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import hypothesis
+import pytest
+import redis
+import schemathesis
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    allow_header_conformance,
+    content_type_conformance,
+    negative_data_rejection,
+    positive_data_acceptance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+    unsupported_method,
+)
+
+from tests.conftest import ADMIN, CALLER_KEYS, READ, SECRET_ENV, WRITE, config_text
+from tests.support import CLIENT_SECRET, REPO_ROOT, AuthServerProcess, BrokerProcess
+
+CONFIG = schemathesis.Config.from_dict(
+    {
+        "generation": {"mode": "all", "max-examples": 150, "deterministic": True, "database": "none"},
+        "auth": {"openapi": {"callerKey": {"bearer": CALLER_KEYS["billing"]}}},
+        # Most cases should get past the grant check (403 access_denied for any other name).
+        "dictionaries": {
+            "credentials": {"values": ["payments", "ledger"]},
+            "scopes": {"values": [READ, WRITE, ADMIN, f"{READ} {WRITE}", f" {WRITE}\t{READ} {READ} ", ""]},
+        },
+        "parameters": {
+            "path.credential": {"dictionary": "credentials", "probability": 0.7},
+            "query.scope": {"dictionary": "scopes", "probability": 0.5},
+            "body.scope": {"dictionary": "scopes", "probability": 0.5},
+        },
+    }
+)
+schema = schemathesis.openapi.from_path(REPO_ROOT / "openapi.yaml", config=CONFIG)
+
+ERROR_CODES = {
+    "invalid_request",
+    "invalid_token",
+    "access_denied",
+    "insufficient_scope",
+    "rate_limited",
+    "upstream_rejected",
+    "upstream_invalid_response",
+    "upstream_unavailable",
+    "not_found",
+    "method_not_allowed",
+}
+# Nothing internal or secret in any answer: tracebacks, source paths, the upstream client
+# secret, any caller key (the one presented included).
+LEAKS = ("Traceback", 'File "', "/work/", "broker/", ".py", CLIENT_SECRET, *CALLER_KEYS.values())
+STATS: Counter[str] = Counter()
+
+
+def error_contract(ctx: Any, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
+    """Spec §3.3: every 4xx/5xx is a JSON error body; no answer carries anything internal or secret."""
+    STATS[f"status:{response.status_code}"] += 1
+    head = "".join(f"{name}: {', '.join(values)}\n" for name, values in response.headers.items())
+    text = response.content.decode("utf-8", "replace") if response.content else ""
+    for leak in LEAKS:
+        assert leak not in head, f"response headers carry {leak!r}"
+        if case.operation.path != "/openapi.yaml":  # the document itself names files and paths
+            assert leak not in text, f"response body carries {leak!r}"
+    if response.status_code >= 400:
+        content_type = response.headers.get("content-type", [""])[0]
+        assert content_type.split(";")[0].strip() == "application/json", content_type
+        body = json.loads(text)
+        assert isinstance(body, dict), body
+        assert body.get("error") in ERROR_CODES, body
+        assert isinstance(body.get("error_description"), str), body
+        assert body["error_description"].strip(), body
+    if response.status_code == 401:
+        assert response.headers.get("www-authenticate"), "401 without WWW-Authenticate"
+    if response.status_code == 503 and case.operation.path.startswith("/v1/"):
+        assert response.headers.get("retry-after"), "503 without Retry-After"
+    return None
+
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    unsupported_method,
+    allow_header_conformance,
+    positive_data_acceptance,
+    negative_data_rejection,
+    error_contract,
+]
+
+
+@pytest.fixture(scope="module")
+def live_broker(
+    redis_server: str, authserver_session: AuthServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BrokerProcess]:
+    """One `token-broker serve` process for the whole module; checked alive and clean at the end."""
+    with redis.Redis.from_url(redis_server) as client:
+        client.flushdb()
+    authserver_session.reset()
+    path = tmp_path_factory.mktemp("schemathesis") / "broker.toml"
+    path.write_text(config_text(redis_server, authserver_session), encoding="utf-8")
+    with BrokerProcess(path, env={SECRET_ENV: CLIENT_SECRET}) as broker:
+        yield broker
+        cases = sum(count for key, count in STATS.items() if key.startswith(("op:", "step:")))
+        print(f"\nschemathesis: {cases} cases, server errors: {STATS['server_errors']}")
+        for key, count in sorted(STATS.items()):
+            print(f"  {key}: {count}")
+        assert broker.proc is not None
+        assert broker.proc.poll() is None, "the broker process died"
+        assert httpx.get(f"{broker.url}/healthz", timeout=5).status_code == 200
+        output = broker.output()
+        for sign in ("Traceback", "request.unhandled", "Exception in ASGI application"):
+            assert sign not in output, f"broker log shows {sign!r}:\n{output[-4000:]}"
+
+
+def _count(response: schemathesis.Response) -> None:
+    if response.status_code >= 500:
+        STATS["server_errors"] += 1
+
+
+@schema.parametrize()
+def test_every_operation_conforms(case: schemathesis.Case, live_broker: BrokerProcess) -> None:
+    STATS[f"op:{case.operation.label}"] += 1
+    response = case.call(base_url=live_broker.url, timeout=15)
+    _count(response)
+    case.validate_response(response, checks=CHECKS)
+
+
+def test_stateful_token_then_invalidate(live_broker: BrokerProcess) -> None:
+    """Along the links: a token from GET, then POST invalidate with that token and its scope."""
+
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+            return {"base_url": live_broker.url, "timeout": 15}
+
+        def after_call(self, response: schemathesis.Response, case: schemathesis.Case) -> None:
+            STATS[f"step:{case.operation.label}"] += 1
+            _count(response)
+
+        def validate_response(
+            self, response: schemathesis.Response, case: schemathesis.Case, *args: Any, **kwargs: Any
+        ) -> None:
+            case.validate_response(response, checks=CHECKS)
+
+    Workflow.run(
+        settings=hypothesis.settings(
+            max_examples=40,
+            stateful_step_count=6,
+            derandomize=True,
+            database=None,
+            deadline=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+        )
+    )
+    assert STATS["step:POST /v1/tokens/{credential}/invalidate"] > 0
