@@ -190,7 +190,14 @@ class Store:
         if not probe and not self.reachable and time.monotonic() < self._down_until:
             raise StoreUnavailable("Redis is unreachable.")
         try:
-            result = await command(*args, **kw)
+            try:
+                result = await command(*args, **kw)
+            except (ConnectionError, RedisConnectionError):
+                if not self.reachable:
+                    raise
+                # A pooled connection may predate a Redis restart and fail once: the pool has
+                # dropped it, so one more try runs on a fresh connection.
+                result = await command(*args, **kw)
         except (ConnectionError, TimeoutError, OSError, RedisConnectionError, RedisTimeoutError) as exc:
             self._mark(reachable=False)
             raise StoreUnavailable(f"Redis is unreachable ({type(exc).__name__}).") from exc

@@ -182,14 +182,18 @@ class TokenService:
         key = token_key(credential.name, scope_set)
         # A miss joins a fetch already under way in this process before touching Redis
         # (not a background refresh: its failure must stay invisible to callers).
+        joined_error: UpstreamError | None = None
         if key not in self._refreshing and self.flights.running(key):
             self.stats.waiters += 1
             try:
                 joined = await self.flights.join(key)
+            except UpstreamError as exc:
+                joined_error = exc  # a still-valid token may yet beat this error (below)
+            else:
+                if joined is not None:
+                    return joined[0], "coalesced"
             finally:
                 self.stats.waiters -= 1
-            if joined is not None:
-                return joined[0], "coalesced"
         now = self.clock.now()
         try:
             entry = await self.store.get(key)
@@ -202,6 +206,10 @@ class TokenService:
             if now >= entry.refresh_at:
                 self._refresh_ahead(credential.name, scope_set, key, entry, credential)
             return entry, "l2"
+        if joined_error is not None:
+            if fallback is not None:
+                return fallback, "l2"
+            raise joined_error
         self._raise_if_rejected(key)
 
         def accept(candidate: CachedToken) -> bool:
@@ -239,8 +247,7 @@ class TokenService:
     ) -> tuple[CachedToken, Source]:
         async def fetch_and_store() -> CachedToken:
             entry = await self._fetch_upstream(credential, scope_set, key, deadline)
-            await self._store(key, entry)
-            return entry
+            return await self._store(key, entry)
 
         try:
             entry, fetched_here = await self.distributed.run(
@@ -309,12 +316,22 @@ class TokenService:
             fingerprint=fingerprint(fetched.access_token),
         )
 
-    async def _store(self, key: str, entry: CachedToken) -> None:
-        """Share the token through Redis; if Redis fails now, the caller still gets its token."""
+    async def _store(self, key: str, entry: CachedToken) -> CachedToken:
+        """Share the token through Redis → the token to use from now on.
+
+        If Redis already holds a token that expires later (our lock expired while we fetched and
+        someone else was faster), that one wins here too. If Redis fails now, ours is still good.
+        """
         now = self.clock.now()
-        if _cacheable(entry, now):
-            with contextlib.suppress(StoreUnavailable):
-                await self.store.put(key, entry, entry.fresh_until - now)
+        if not _cacheable(entry, now):
+            return entry
+        try:
+            if await self.store.put(key, entry, entry.fresh_until - now):
+                return entry
+            newer = await self.store.get(key)
+        except StoreUnavailable:
+            return entry
+        return newer if newer is not None and is_fresh(newer, self.clock.now()) else entry
 
     # -- refresh-ahead ----------------------------------------------------------------------------
 
@@ -368,7 +385,12 @@ class TokenService:
         cached = self.l1.get(key)
         if cached is not None and cached.fingerprint == fp:
             self.l1.drop(key)
-        dropped = await self.store.drop_if(key, fp)
+        try:
+            dropped = await self.store.drop_if(key, fp)
+        except StoreUnavailable:
+            # The local copy is gone already; the shared one expires on its own or is replaced by
+            # the next report once Redis answers. The caller's answer is the same either way.
+            return False
         if dropped:
             dropped_entry = CachedToken(
                 access_token="",

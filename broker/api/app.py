@@ -18,7 +18,7 @@ from starlette.routing import Route
 from broker import metrics, redis_client
 from broker.api import routes
 from broker.api.fastpath import FastPath
-from broker.api.middleware import CallerAuth, RequestLog
+from broker.api.middleware import CallerAuth, RequestLimits, RequestLog
 from broker.api.state import Broker, Health
 from broker.audit import AuditTrail
 from broker.callers import CallerRegistry
@@ -149,6 +149,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             Route("/openapi.yaml", routes.openapi, methods=["GET"]),
         ],
         middleware=[
+            Middleware(RequestLimits),
             *([Middleware(FastPath, max_encoded=settings.cache.l1_max_entries)] if fast else []),
             Middleware(RequestLog, access_log=settings.server.access_log),
             Middleware(CallerAuth, callers=callers),

@@ -165,6 +165,8 @@ class FastPath:
         )
 
     def _query(self, raw: bytes) -> _Query | None:
+        if len(raw) > MAX_QUERY_BYTES:
+            return None  # the route answers 400; not worth remembering
         try:
             return self._queries[raw]
         except KeyError:

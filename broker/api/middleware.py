@@ -11,12 +11,14 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.callers import CallerRegistry
-from broker.errors import BrokerError
+from broker.errors import BrokerError, InvalidRequest
 
-__all__ = ["CallerAuth", "RequestLog", "error_response_parts"]
+__all__ = ["MAX_HEADERS", "MAX_HEADER_BYTES", "CallerAuth", "RequestLimits", "RequestLog", "error_response_parts"]
 
 log = structlog.get_logger("broker.api")
 
+MAX_HEADERS = 64
+MAX_HEADER_BYTES = 16_384
 _PROBES = frozenset({"/healthz", "/readyz"})  # polled every few seconds: not worth an event
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 
@@ -38,6 +40,33 @@ async def send_error(send: Send, error: BrokerError) -> None:
     status, headers, body = error_response_parts(error)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class RequestLimits:
+    """Refuses requests with too many or too large headers before anything else looks at them.
+
+    uvicorn's httptools parser sets no header limits of its own.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, max_headers: int = MAX_HEADERS, max_header_bytes: int = MAX_HEADER_BYTES
+    ) -> None:
+        self.app = app
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            if len(headers) > self.max_headers or sum(len(k) + len(v) for k, v in headers) > self.max_header_bytes:
+                await send_error(
+                    send,
+                    InvalidRequest(
+                        f"The request headers exceed {self.max_headers} fields or {self.max_header_bytes} bytes."
+                    ),
+                )
+                return
+        await self.app(scope, receive, send)
 
 
 class RequestLog:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from broker import metrics as metrics_mod
@@ -93,7 +93,7 @@ async def invalidate_token(request: Request) -> Response:
     credential, granted = _granted(request)
     payload = await _json_body(request, broker.settings.server.max_body_bytes)
     token = payload.get("access_token")
-    if not isinstance(token, str) or not token or len(token) > 16384:
+    if not isinstance(token, str) or not token or len(token) > 16384 or not _printable_ascii(token):
         raise InvalidRequest("The body must carry the rejected access_token as a string.")
     raw_scope = payload.get("scope")
     if raw_scope is not None and not isinstance(raw_scope, str):
@@ -104,20 +104,27 @@ async def invalidate_token(request: Request) -> Response:
     return Response(status_code=204, headers=_NO_STORE)
 
 
+def _printable_ascii(text: str) -> bool:
+    return text.isascii() and text.isprintable()
+
+
 async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    if declared is not None and not (declared.isascii() and declared.isdigit() and int(declared[:12]) <= limit):
         raise InvalidRequest(f"The request body must be a JSON object of at most {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InvalidRequest(f"The request body must be a JSON object of at most {limit} bytes.")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InvalidRequest(f"The request body must be a JSON object of at most {limit} bytes.")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise InvalidRequest("The request body was cut short.") from None
     try:
         payload = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")

@@ -122,7 +122,7 @@ class UpstreamClient:
                 breaker.record_success()  # a refusal proves the server is up
                 raise
             except UpstreamInvalidResponse:
-                breaker.record_failure()
+                breaker.record_success()  # it answered: a bad answer is not an outage (spec §4.7)
                 raise
             breaker.record_success()
             return token

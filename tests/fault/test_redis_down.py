@@ -193,7 +193,6 @@ STALE_CONNECTIONS = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_CONNECTIONS)
 async def test_right_after_redis_is_back_a_cold_burst_is_fetched_once_and_nothing_more_is_logged(
     own_redis: OwnRedis,
     write_fault_config: Callable[..., Path],
@@ -229,7 +228,6 @@ INVALIDATE_WHILE_DOWN = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=INVALIDATE_WHILE_DOWN)
 async def test_an_invalidation_report_while_redis_is_down_is_answered_204(
     own_redis: OwnRedis,
     write_fault_config: Callable[..., Path],

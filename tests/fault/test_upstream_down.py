@@ -206,7 +206,6 @@ JOINERS_GET_NO_FALLBACK = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=JOINERS_GET_NO_FALLBACK)
 async def test_concurrent_min_ttl_callers_all_get_the_still_valid_token_while_upstream_is_down(
     write_config: Callable[..., Path], authserver: AuthServerProcess, spawn: Spawn
 ) -> None:

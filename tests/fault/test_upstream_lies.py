@@ -91,7 +91,6 @@ BREAKER_COUNTS_MALFORMED = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=BREAKER_COUNTS_MALFORMED)
 async def test_a_run_of_malformed_answers_stays_upstream_invalid_response(
     write_config: Callable[..., Path], authserver: AuthServerProcess, spawn: Spawn
 ) -> None:

@@ -50,6 +50,7 @@ from starlette.testclient import TestClient
 
 from broker.api import create_app
 from broker.api.fastpath import FastPath
+from broker.api.middleware import MAX_HEADER_BYTES, MAX_HEADERS
 from broker.api.routes import MAX_QUERY_BYTES
 from broker.embedded_redis import EmbeddedRedis
 from broker.settings import load_settings
@@ -119,7 +120,7 @@ def _report() -> Iterator[None]:
     print(
         f"\napi fuzz: {STATS['cases']} cases, server errors: {STATS['server_errors']},"
         f" refused by uvicorn as not HTTP: {STATS['protocol_rejections']};"
-        f" known-bug reproducers: {STATS['known_bug_cases']} cases, {STATS['known_bug_server_errors']} server errors"
+        f" regression reproducers: {STATS['known_bug_cases']} cases, {STATS['known_bug_server_errors']} server errors"
     )
     for key, count in sorted(STATS.items()):
         if key.startswith(("status:", "test:")):
@@ -137,10 +138,24 @@ class Answer:
         return next((v for k, v in self.headers if k.lower() == name), None)
 
 
-def check(method: str, path: str, answer: Answer, *, test: str, sent: bytes = b"") -> None:
+def oversized(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Headers the broker refuses with 400 before routing (RequestLimits)."""
+    return len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES
+
+
+def check(
+    method: str,
+    path: str,
+    answer: Answer,
+    *,
+    test: str,
+    sent: bytes = b"",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     """Everything that must hold for any answer to any request. `sent`: the query and body,
-    which an answer may quote back (insufficient_scope names the refused scopes)."""
-    known_bug = test == "known-bug"  # the xfail reproducers below: counted apart
+    which an answer may quote back (insufficient_scope names the refused scopes). `headers`:
+    what was sent, when it may exceed the header limits (any route then answers 400)."""
+    known_bug = test == "regression"  # the reproducers of fixed bugs below: counted apart
     STATS["known_bug_cases" if known_bug else "cases"] += 1
     STATS[f"test:{test}"] += 1
     if not known_bug:
@@ -150,6 +165,8 @@ def check(method: str, path: str, answer: Answer, *, test: str, sent: bytes = b"
     assert answer.raised is None, f"{method} {path!r}: the app raised {answer.raised!r}"
     assert answer.status < 500, f"{method} {path!r}: {answer.status} {answer.body[:300]!r}"
     allowed = allowed_statuses(method, path)
+    if headers is not None and oversized(headers):
+        allowed.add(400)
     assert answer.status in allowed, f"{method} {path!r}: {answer.status} not in {sorted(allowed)}"
     head = b"\n".join(k + b": " + v for k, v in answer.headers).decode("latin-1")
     text = answer.body.decode("utf-8", "replace")
@@ -542,7 +559,7 @@ def test_random_headers(
     method, raw_path, query = target
     chunks = [b'{"access_token": "t"}'] if method == "POST" else [b""]
     path, answer = asgi_request(client, method, raw_path, query, headers, chunks)
-    check(method, path, answer, test="headers", sent=query)
+    check(method, path, answer, test="headers", sent=query, headers=headers)
 
 
 @settings(FUZZ, max_examples=800)
@@ -589,7 +606,8 @@ def test_through_the_http_client(
         reject()
     answer = Answer(response.status_code, response.headers.raw, response.content)
     sent = response.request.url.query + (body or b"")
-    check(method, response.request.url.path, answer, test="http-client", sent=sent)
+    raw_headers = [(k.lower(), v) for k, v in response.request.headers.raw]
+    check(method, response.request.url.path, answer, test="http-client", sent=sent, headers=raw_headers)
     if method == "HEAD" or answer.status == 204:
         assert answer.body == b""
 
@@ -704,7 +722,16 @@ def test_live_broker_over_raw_sockets(live_broker: BrokerProcess, request: tuple
     try:
         # what uvicorn made of a malformed one that it let through: blanks around the method dropped
         sent = data.split(b" ", 2)[1] + data.partition(b"\r\n\r\n")[2] if b" " in data else data
-        check(method.strip(" \t") if malformed else method, path, answer, test="live", sent=sent)
+        head_lines = data.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+        sent_headers = [tuple(line.split(b":", 1)) for line in head_lines if b":" in line]
+        check(
+            method.strip(" \t") if malformed else method,
+            path,
+            answer,
+            test="live",
+            sent=sent,
+            headers=[(k.strip().lower(), v.strip()) for k, v in sent_headers],
+        )
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nrequest: {data[:2000]!r}") from None
     assert live_broker.proc is not None
@@ -721,34 +748,22 @@ def test_live_broker_is_still_up_and_logged_no_error(live_broker: BrokerProcess)
         assert sign not in output, f"the broker logged {sign!r}:\n{output[-4000:]}"
 
 
-# -- known broker bugs: each fails today, and must start passing once fixed ----------------------
+# -- bugs this fuzzing found, fixed since: each reproducer stays as a regression test ------------
 
 
 NO_SHRINK = settings(FUZZ, phases=[Phase.explicit, Phase.generate], max_examples=10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/api/routes.py _json_body: json.loads raises RecursionError on deeply nested JSON "
-    "(~1000 levels fit in 2 KB, far under max_body_bytes); only ValueError/UnicodeDecodeError are "
-    "caught, so the answer is 500 server_error instead of 400 invalid_request",
-)
 @NO_SHRINK
 @given(kind=st.sampled_from(["array", "object"]), depth=st.integers(1000, 3000))
 def test_deeply_nested_json_body_is_invalid_request(client: TestClient, kind: str, depth: int) -> None:
     body = _nested(kind, depth)
     headers = [(b"authorization", f"Bearer {KEY}".encode()), (b"content-length", str(len(body)).encode())]
     path, answer = asgi_request(client, "POST", b"/v1/tokens/payments/invalidate", b"", headers, [body])
-    check("POST", path, answer, test="known-bug")
+    check("POST", path, answer, test="regression")
     assert answer.status == 400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/api/routes.py invalidate_token accepts any str as access_token; a JSON escape of a "
-    "lone surrogate (\\ud800) gives a str that broker/store.py fingerprint() cannot encode as "
-    "UTF-8: UnicodeEncodeError → 500 server_error instead of 400 invalid_request",
-)
 @NO_SHRINK
 @given(
     token=st.sampled_from(["\\ud800", "a\\udfff", "\\udbff\\udbff", "tok\\ud83d"]),
@@ -758,44 +773,25 @@ def test_lone_surrogate_in_access_token_is_invalid_request(client: TestClient, t
     body = b'{"access_token": "' + token.encode() + b'"}'
     headers = [(b"authorization", f"Bearer {KEY}".encode()), (b"content-length", str(len(body)).encode())]
     path, answer = asgi_request(client, "POST", b"/v1/tokens/" + credential + b"/invalidate", b"", headers, [body])
-    check("POST", path, answer, test="known-bug", sent=body)
+    check("POST", path, answer, test="regression", sent=body)
     assert answer.status == 400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/api/routes.py _json_body: Content-Length is checked with str.isdigit(), which "
-    "accepts non-ASCII digits such as '²' that int() refuses, and int() refuses more than 4300 "
-    "digits: ValueError → 500. uvicorn's httptools parser rejects these before the app, other "
-    "ASGI servers need not",
-)
 @NO_SHRINK
 @given(declared=st.sampled_from([b"\xb2", b"\xb9\xb2\xb3", b"1" * 5000, b"0" * 4301]))
 def test_non_ascii_or_endless_content_length_is_invalid_request(client: TestClient, declared: bytes) -> None:
     headers = [(b"authorization", f"Bearer {KEY}".encode()), (b"content-length", declared)]
     path, answer = asgi_request(client, "POST", b"/v1/tokens/payments/invalidate", b"", headers, [b"{}"])
-    check("POST", path, answer, test="known-bug")
+    check("POST", path, answer, test="regression")
     assert answer.status == 400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/cli.py runs uvicorn with http='httptools', which has no limit on header size or "
-    "count: a 1 MiB header (or 50 MB, or 200,000 headers) is read into memory and served 200; "
-    "issue #4 point 7 asks for oversized requests to be refused early (431)",
-)
 def test_oversized_headers_are_refused_early(live_broker: BrokerProcess) -> None:
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\nConnection: close\r\n\r\n"
     answer = http_exchange(live_broker.port, request)
     assert answer.status in {400, 431}, answer.status
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/api/routes.py _json_body: a caller that disconnects mid-body makes "
-    "request.stream() raise starlette.requests.ClientDisconnect, which nothing catches: uvicorn "
-    "logs 'Exception in ASGI application' with a full traceback for every aborted upload",
-)
 def test_aborted_upload_logs_no_traceback(write_config: Callable[..., Path]) -> None:
     request = (
         b"POST /v1/tokens/payments/invalidate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
@@ -810,12 +806,6 @@ def test_aborted_upload_logs_no_traceback(write_config: Callable[..., Path]) -> 
     assert "Traceback" not in output, output[-3000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/api/fastpath.py FastPath._query caches every authorised query string as a key, "
-    "oversized ones included (_parse_query returns None for them, but the raw bytes stay): up to "
-    "1024 queries of ~64 KiB each (httptools' URL limit) held per worker",
-)
 def test_fast_path_does_not_remember_oversized_queries(client: TestClient) -> None:
     query = "pad=" + "a" * 60_000
     response = client.get(f"/v1/tokens/payments?{query}", headers=auth())
@@ -827,13 +817,6 @@ def test_fast_path_does_not_remember_oversized_queries(client: TestClient) -> No
     assert max((len(raw) for raw in layer._queries), default=0) <= MAX_QUERY_BYTES
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker/tokens.py TokenService.invalidate: store.drop_if raises StoreUnavailable while "
-    "Redis is down, answered as 503 'temporarily_unavailable' (a code neither spec §3.3 nor "
-    "openapi.yaml has, without Retry-After) instead of 204 (spec §3.2: 'Answers 204 either way'; "
-    "§4.3: the broker keeps serving while Redis is down)",
-)
 def test_invalidate_while_redis_is_down_keeps_the_contract(tmp_path: Path, authserver: AuthServerProcess) -> None:
     server = EmbeddedRedis().start()
     try:
@@ -844,7 +827,7 @@ def test_invalidate_while_redis_is_down_keeps_the_contract(tmp_path: Path, auths
             server.stop()
             response = client.post("/v1/tokens/payments/invalidate", headers=auth(), json={"access_token": token})
             answer = Answer(response.status_code, response.headers.raw, response.content)
-            check("POST", "/v1/tokens/payments/invalidate", answer, test="known-bug")
+            check("POST", "/v1/tokens/payments/invalidate", answer, test="regression")
             assert response.status_code == 204, response.text
     finally:
         server.stop()
