@@ -23,7 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import chart, fleet, hits, memory, profile, stampede
+from bench import chart, fleet, hits, memory, profile, stampede, wrk
 from bench.common import Caller, broker, broker_config, server, write_config
 from bench.hits import LatencySettings, hit_url
 from bench.wrk import WrkSettings
@@ -232,6 +232,7 @@ def run(mode: Mode, only: set[str], out: Path, given_redis: str | None) -> dict[
         "machine": _machine(),
         "settings": {
             "wrk": vars(mode.wrk),
+            "load_generator": wrk.generator(),
             "rounds": mode.rounds,
             "open_loop": vars(mode.latency),
             "uvicorn": "uvloop, httptools, access_log off, same worker count for broker and baseline",

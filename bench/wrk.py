@@ -1,4 +1,9 @@
-"""Closed-loop load with wrk: keep-alive, 1 thread, 32 connections (the issue's settings)."""
+"""Closed-loop load with wrk: keep-alive, 1 thread, 32 connections (the issue's settings).
+
+Without wrk on PATH (`make bench` installs it), a Python closed loop stands in so that the suite
+still runs end to end (the smoke test on a bare machine); its rps say more about the Python client
+than about the server, and every result names the generator that produced it.
+"""
 
 from __future__ import annotations
 
@@ -21,17 +26,17 @@ class WrkSettings:
     timeout: float = 5.0
 
 
-def wrk_binary() -> str:
-    found = shutil.which("wrk")
-    if found is None:
-        raise RuntimeError("wrk is not installed: apt-get install wrk")
-    return found
+def generator() -> str:
+    return "wrk" if shutil.which("wrk") else "python closed loop (wrk not installed: rps not comparable)"
 
 
 def run(url: str, headers: dict[str, str], seconds: float, settings: WrkSettings) -> dict[str, Any]:
     """One wrk run against url; the result has rps, latency (ms) and error counts."""
+    binary = shutil.which("wrk")
+    if binary is None:
+        return _python_closed_loop(url, headers, seconds, settings)
     cmd = [
-        wrk_binary(),
+        binary,
         f"-t{settings.threads}",
         f"-c{settings.connections}",
         f"-d{max(1, round(seconds))}s",
@@ -50,6 +55,7 @@ def run(url: str, headers: dict[str, str], seconds: float, settings: WrkSettings
     errors = raw["errors"]
     lat = raw["latency_us"]
     return {
+        "generator": "wrk",
         "rps": round(raw["requests"] / (raw["duration_us"] / 1e6), 1),
         "requests": raw["requests"],
         "non_2xx_or_errors": sum(errors.values()),
@@ -63,3 +69,48 @@ def measure(url: str, headers: dict[str, str], settings: WrkSettings) -> dict[st
     if settings.warmup > 0:
         run(url, headers, settings.warmup, settings)
     return run(url, headers, settings.duration, settings)
+
+
+def _python_closed_loop(url: str, headers: dict[str, str], seconds: float, settings: WrkSettings) -> dict[str, Any]:
+    import asyncio
+    import time
+
+    import uvloop
+
+    from bench.common import percentile
+    from bench.openloop import _Connection, raw_request
+
+    host, port, raw = raw_request(url, headers)
+    latencies: list[float] = []
+    errors = 0
+
+    async def connection(deadline: float) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, port)
+        client = _Connection(reader, writer)
+        while time.perf_counter() < deadline:
+            began = time.perf_counter()
+            if await client.request(raw) >= 400:
+                errors += 1
+            latencies.append(time.perf_counter() - began)
+        writer.close()
+
+    async def all_connections() -> float:
+        began = time.perf_counter()
+        await asyncio.gather(*(connection(began + seconds) for _ in range(settings.connections)))
+        return time.perf_counter() - began
+
+    elapsed = uvloop.run(all_connections())
+    return {
+        "generator": "python",
+        "rps": round(len(latencies) / elapsed, 1),
+        "requests": len(latencies),
+        "non_2xx_or_errors": errors,
+        "errors": {"status": errors},
+        "latency_ms": {
+            "mean": round(sum(latencies) / max(1, len(latencies)) * 1000, 3),
+            "max": round(max(latencies, default=0.0) * 1000, 3),
+            **{k: round(percentile(latencies, q) * 1000, 3) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))},
+            "p999": round(percentile(latencies, 99.9) * 1000, 3),
+        },
+    }

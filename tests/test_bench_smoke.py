@@ -6,7 +6,6 @@ No timing is asserted here: only that every scenario ran and reported its figure
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +36,6 @@ def test_the_baseline_runs_under_the_brokers_uvicorn_settings(monkeypatch: pytes
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)")
 def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
