@@ -39,7 +39,8 @@ def render(result: dict[str, Any], path: Path) -> None:
 
     workers = sorted(throughput, key=int)
     groups = [
-        f"{w} worker{'s' if w != '1' else ''}\nbroker/baseline {throughput[w]['median_ratio']:.2f}x" for w in workers
+        f"{w} worker{'s' if w != '1' else ''}\nmedian paired ratio {throughput[w]['median_ratio']:.2f}x"
+        for w in workers
     ]
 
     def med(values: list[float]) -> float:
