@@ -47,6 +47,7 @@ class CircuitBreaker:
         self._cooldown = cooldown
         self._open_until = 0.0
         self._probing = False
+        breaker_state(name, self.state.value)  # a credential shows up as closed from its first request
 
     def before_request(self) -> None:
         """Raises UpstreamUnavailable (with Retry-After) instead of letting a request through."""
