@@ -7,8 +7,10 @@ Redis: BROKER_TEST_REDIS_URL or REDIS_URL if set, else a redis-server process of
 from __future__ import annotations
 
 import os
+import signal
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from broker.api import create_app
 from broker.callers import hash_key, new_caller_key
 from broker.embedded_redis import EmbeddedRedis
 from broker.settings import Settings, load_settings
-from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess
+from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess, BrokerProcess, kill_tree
 
 # Keys for the callers every test config declares.
 CALLER_KEYS = {"billing": new_caller_key(), "reporting": new_caller_key()}
@@ -57,6 +59,48 @@ def authserver_session() -> Iterator[AuthServerProcess]:
 def authserver(authserver_session: AuthServerProcess) -> AuthServerProcess:
     authserver_session.reset()
     return authserver_session
+
+
+StartBrokers = Callable[..., list[BrokerProcess]]
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Remember whether the test itself failed, so `start_brokers` can show the brokers' logs."""
+    report = yield
+    if report.when == "call":
+        item.stash[_FAILED] = report.failed
+    return report
+
+
+@pytest.fixture
+def start_brokers(request: pytest.FixtureRequest) -> Iterator[StartBrokers]:
+    """start_brokers(config, count=1, workers=2, env=None) → started brokers (in parallel), stopped
+    afterwards. Brokers a test has already stopped or killed are left alone; a stopped (SIGSTOP)
+    one is continued first so that it can shut down. A failed test shows their last log lines."""
+    started: list[BrokerProcess] = []
+
+    def start(config: Path, count: int = 1, workers: int = 2, env: dict[str, str] | None = None) -> list[BrokerProcess]:
+        brokers = [BrokerProcess(config, workers=workers, env=env) for _ in range(count)]
+        started.extend(brokers)
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            list(pool.map(lambda broker: broker.start(), brokers))
+        return brokers
+
+    yield start
+    failed = request.node.stash.get(_FAILED, False)
+    for broker in started:
+        if broker.proc is not None and broker.proc.poll() is None:
+            kill_tree(broker, signal.SIGCONT)
+        broker.stop()
+        if failed:
+            lines = [line for line in broker.output().splitlines() if '"event": "request"' not in line]
+            tail = "\n".join(lines[-40:])
+            print(f"\n--- broker on port {broker.port}, last log lines (request lines left out) ---\n{tail}")
+        broker.log_path.unlink(missing_ok=True)
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -32,7 +33,9 @@ __all__ = [
     "WEIRD_CLIENT_SECRET",
     "AuthServerProcess",
     "BrokerProcess",
+    "descendants",
     "free_port",
+    "kill_tree",
     "wait_http",
 ]
 
@@ -245,3 +248,41 @@ class BrokerProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         self.log_path.unlink(missing_ok=True)
+
+
+_PROC = Path("/proc")
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below `root` (uvicorn's workers, multiprocessing helpers)."""
+    children: dict[int, list[int]] = {}
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(broker: BrokerProcess, sig: signal.Signals) -> list[int]:
+    """Send `sig` to a broker's uvicorn process and every process below it (its workers).
+
+    BrokerProcess does not start a session of its own, so its process group is the test
+    runner's: a killpg would hit pytest. Returns the pids signalled.
+    """
+    assert broker.proc is not None, "broker not started"
+    pids = [*descendants(broker.proc.pid), broker.proc.pid]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    return pids

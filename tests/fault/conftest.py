@@ -8,13 +8,9 @@ test starts, stops and restarts itself).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import time
-from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,65 +19,19 @@ import pytest
 import redis
 
 from tests.conftest import READ, WRITE, auth, config_text
-from tests.integration.workers import descendants
-from tests.support import AuthServerProcess, BrokerProcess
+from tests.support import AuthServerProcess
 
 __all__ = [
     "BOTH",
     "TOKENS",
-    "Spawn",
     "get_token",
     "keys",
-    "kill_tree",
     "log_events",
     "until",
 ]
 
 TOKENS = "/v1/tokens/payments"
 BOTH = f"{READ} {WRITE}"  # the third scope set the `billing` caller may ask for
-
-Spawn = Callable[..., list[BrokerProcess]]
-_FAILED = pytest.StashKey[bool]()
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Remember whether the test itself failed, so `spawn` can show the brokers' logs."""
-    report = yield
-    if report.when == "call":
-        item.stash[_FAILED] = report.failed
-    return report
-
-
-@pytest.fixture
-def spawn(request: pytest.FixtureRequest) -> Iterator[Spawn]:
-    """spawn(config, count=1, workers=2, env=None) → started brokers (in parallel), stopped afterwards.
-
-    Brokers a test has already stopped or killed are left alone; a stopped (SIGSTOP) one is
-    continued first so that it can shut down.
-    """
-    started: list[BrokerProcess] = []
-
-    def start(config: Path, count: int = 1, workers: int = 2, env: dict[str, str] | None = None) -> list[BrokerProcess]:
-        brokers = [BrokerProcess(config, workers=workers, env=env) for _ in range(count)]
-        started.extend(brokers)
-        with ThreadPoolExecutor(max_workers=count) as pool:
-            list(pool.map(lambda broker: broker.start(), brokers))
-        return brokers
-
-    yield start
-    failed = request.node.stash.get(_FAILED, False)
-    for broker in started:
-        if broker.proc is not None and broker.proc.poll() is None:
-            kill_tree(broker, signal.SIGCONT)
-        broker.stop()
-        if failed:
-            lines = [line for line in broker.output().splitlines() if '"event": "request"' not in line]
-            tail = "\n".join(lines[-40:])
-            print(f"\n--- broker on port {broker.port}, last log lines (request lines left out) ---\n{tail}")
-        broker.log_path.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -101,20 +51,6 @@ def write_fault_config(tmp_path: Path, authserver: AuthServerProcess) -> Callabl
         return path
 
     return write
-
-
-def kill_tree(broker: BrokerProcess, sig: signal.Signals) -> list[int]:
-    """Send `sig` to a broker's uvicorn process and every process below it (its workers).
-
-    BrokerProcess does not start a session of its own, so its process group is the test
-    runner's: a killpg would hit pytest. Returns the pids signalled.
-    """
-    assert broker.proc is not None, "broker not started"
-    pids = [*descendants(broker.proc.pid), broker.proc.pid]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-    return pids
 
 
 async def get_token(client: httpx.AsyncClient, scope: str = READ, **params: Any) -> httpx.Response:

@@ -20,9 +20,9 @@ import redis
 
 from broker.redis_client import connect
 from broker.store import CachedToken, Store, fingerprint, lock_key, token_key
-from tests.conftest import READ
-from tests.fault.conftest import Spawn, get_token, keys, kill_tree, until
-from tests.support import AuthServerProcess, BrokerProcess
+from tests.conftest import READ, StartBrokers
+from tests.fault.conftest import get_token, keys, until
+from tests.support import AuthServerProcess, BrokerProcess, kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -51,9 +51,9 @@ async def hold_the_lock(
 
 
 async def test_a_killed_lock_holder_holds_others_up_only_until_its_lock_expires(
-    write_config: Callable[..., Path], redis_url: str, authserver: AuthServerProcess, spawn: Spawn
+    write_config: Callable[..., Path], redis_url: str, authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
-    a, b = spawn(write_config(), count=2, workers=1, env=ENV)
+    a, b = start_brokers(write_config(), count=2, workers=1, env=ENV)
     async with (
         httpx.AsyncClient(base_url=a.url, timeout=15, trust_env=False) as to_a,
         httpx.AsyncClient(base_url=b.url, timeout=15, trust_env=False) as to_b,
@@ -105,9 +105,9 @@ async def stall_holder_past_its_lock(
 
 
 async def test_a_stalled_holder_finishing_late_does_not_replace_the_newer_token(
-    write_config: Callable[..., Path], redis_url: str, authserver: AuthServerProcess, spawn: Spawn
+    write_config: Callable[..., Path], redis_url: str, authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
-    a, b = spawn(write_config(), count=2, workers=1, env=ENV)
+    a, b = start_brokers(write_config(), count=2, workers=1, env=ENV)
     async with (
         httpx.AsyncClient(base_url=a.url, timeout=15, trust_env=False) as to_a,
         httpx.AsyncClient(base_url=b.url, timeout=15, trust_env=False) as to_b,
@@ -121,9 +121,9 @@ async def test_a_stalled_holder_finishing_late_does_not_replace_the_newer_token(
 
 
 async def test_after_a_refused_late_write_the_stalled_holder_serves_the_newer_token(
-    write_config: Callable[..., Path], redis_url: str, authserver: AuthServerProcess, spawn: Spawn
+    write_config: Callable[..., Path], redis_url: str, authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
-    a, b = spawn(write_config(), count=2, workers=1, env=ENV)
+    a, b = start_brokers(write_config(), count=2, workers=1, env=ENV)
     async with (
         httpx.AsyncClient(base_url=a.url, timeout=15, trust_env=False) as to_a,
         httpx.AsyncClient(base_url=b.url, timeout=15, trust_env=False) as to_b,

@@ -22,8 +22,8 @@ import pytest
 
 from broker.embedded_redis import EmbeddedRedis
 from broker.store import token_key
-from tests.conftest import READ, WRITE, auth
-from tests.fault.conftest import BOTH, TOKENS, Spawn, get_token, keys, log_events, until
+from tests.conftest import READ, WRITE, StartBrokers, auth
+from tests.fault.conftest import BOTH, TOKENS, get_token, keys, log_events, until
 from tests.integration.workers import pin_connections
 from tests.support import AuthServerProcess, free_port
 
@@ -54,7 +54,7 @@ class OwnRedis:
 def own_redis() -> Iterator[OwnRedis]:
     redis = OwnRedis()
     redis.start()
-    yield redis  # requested before `spawn`, so stopped after the brokers
+    yield redis  # requested before `start_brokers`, so stopped after the brokers
     redis.stop()
 
 
@@ -107,9 +107,9 @@ async def test_the_broker_serves_through_a_redis_outage_and_resumes_sharing_when
     own_redis: OwnRedis,
     write_fault_config: Callable[..., Path],
     authserver: AuthServerProcess,
-    spawn: Spawn,
+    start_brokers: StartBrokers,
 ) -> None:
-    (broker,) = spawn(write_fault_config(own_redis.url), workers=2)
+    (broker,) = start_brokers(write_fault_config(own_redis.url), workers=2)
     async with contextlib.AsyncExitStack() as stack:
         fleet = Fleet(await pin_connections(broker, 25, stack))
 
@@ -197,9 +197,9 @@ async def test_right_after_redis_is_back_a_cold_burst_is_fetched_once_and_nothin
     own_redis: OwnRedis,
     write_fault_config: Callable[..., Path],
     authserver: AuthServerProcess,
-    spawn: Spawn,
+    start_brokers: StartBrokers,
 ) -> None:
-    (broker,) = spawn(write_fault_config(own_redis.url), workers=2)
+    (broker,) = start_brokers(write_fault_config(own_redis.url), workers=2)
     async with contextlib.AsyncExitStack() as stack:
         fleet = Fleet(await pin_connections(broker, 25, stack))
         await fleet.burst(READ)
@@ -232,9 +232,9 @@ async def test_an_invalidation_report_while_redis_is_down_is_answered_204(
     own_redis: OwnRedis,
     write_fault_config: Callable[..., Path],
     authserver: AuthServerProcess,
-    spawn: Spawn,
+    start_brokers: StartBrokers,
 ) -> None:
-    (broker,) = spawn(write_fault_config(own_redis.url), workers=1)
+    (broker,) = start_brokers(write_fault_config(own_redis.url), workers=1)
     async with httpx.AsyncClient(base_url=broker.url, timeout=15, trust_env=False) as client:
         token = (await get_token(client)).json()["access_token"]
         own_redis.stop()

@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fault.conftest import Spawn, get_token, log_events, until
+from tests.conftest import StartBrokers
+from tests.fault.conftest import get_token, log_events, until
 from tests.integration.workers import descendants
 from tests.support import AuthServerProcess
 
@@ -53,9 +54,9 @@ def answers(port: int) -> bool:
 
 
 async def test_sigterm_finishes_in_flight_requests_and_stops_the_embedded_redis(
-    write_fault_config: Callable[..., Path], authserver: AuthServerProcess, spawn: Spawn
+    write_fault_config: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
-    (broker,) = spawn(write_fault_config(None), workers=2)
+    (broker,) = start_brokers(write_fault_config(None), workers=2)
     assert broker.proc is not None
     (redis_pid,) = redis_servers(broker.proc.pid)
     (started,) = log_events(broker.output(), "redis.embedded_started")

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import READ, WRITE
-from tests.fault.conftest import BOTH, Spawn, get_token, log_events
+from tests.conftest import READ, WRITE, StartBrokers
+from tests.fault.conftest import BOTH, get_token, log_events
 from tests.support import AuthServerProcess
 
 pytestmark = pytest.mark.slow
@@ -36,9 +36,9 @@ async def timed(client: httpx.AsyncClient, scope: str = READ, **params: object) 
 
 
 async def test_a_caller_never_waits_longer_than_the_deadline(
-    write_config: Callable[..., Path], authserver: AuthServerProcess, spawn: Spawn
+    write_config: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
-    (broker,) = spawn(write_config(), env={"BROKER_SERVER_REQUEST_DEADLINE_SECONDS": "2"})
+    (broker,) = start_brokers(write_config(), env={"BROKER_SERVER_REQUEST_DEADLINE_SECONDS": "2"})
     authserver.configure(delay=10)
     async with httpx.AsyncClient(base_url=broker.url, timeout=15, trust_env=False) as client:
 
@@ -57,9 +57,9 @@ async def test_a_caller_never_waits_longer_than_the_deadline(
 
 
 async def test_circuit_breaker_stops_calls_to_a_failing_server_and_recovers_without_restart(
-    write_config: Callable[..., Path], authserver: AuthServerProcess, spawn: Spawn
+    write_config: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
-    (broker,) = spawn(
+    (broker,) = start_brokers(
         write_config(),
         workers=1,  # the breaker is per credential in each worker process
         env={"BROKER_UPSTREAM_BREAKER_FAILURES": "3", "BROKER_UPSTREAM_BREAKER_COOLDOWN_SECONDS": "1.5"},
@@ -108,12 +108,12 @@ async def test_circuit_breaker_stops_calls_to_a_failing_server_and_recovers_with
 
 
 async def test_cached_tokens_are_served_while_upstream_is_down_until_expiry_minus_skew(
-    write_config: Callable[..., Path], authserver: AuthServerProcess, spawn: Spawn
+    write_config: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
     # lifetime 4 s: effective skew min(30, 4/4) = 1 s, so the token may be handed out for 3 s
     # after it was issued; refresh-ahead is due at 60-80 % of that (1.8-2.4 s)
     lifetime, skew = 4.0, 1.0
-    (broker,) = spawn(write_config(), env={"BROKER_SERVER_REQUEST_DEADLINE_SECONDS": "2"})
+    (broker,) = start_brokers(write_config(), env={"BROKER_SERVER_REQUEST_DEADLINE_SECONDS": "2"})
     authserver.configure(lifetime=int(lifetime))
     async with httpx.AsyncClient(base_url=broker.url, timeout=15, trust_env=False) as client:
         before = time.time()
@@ -179,9 +179,9 @@ ONE_ATTEMPT = {"BROKER_UPSTREAM_MAX_ATTEMPTS": "1"}
 
 
 async def test_min_ttl_beyond_what_is_left_gets_the_still_valid_token_while_upstream_is_down(
-    write_config: Callable[..., Path], authserver: AuthServerProcess, spawn: Spawn
+    write_config: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
-    (broker,) = spawn(write_config(), env=ONE_ATTEMPT)
+    (broker,) = start_brokers(write_config(), env=ONE_ATTEMPT)
     async with httpx.AsyncClient(base_url=broker.url, timeout=15, trust_env=False) as client:
         token = await warm_then_fail(client, authserver)
         for _ in range(3):
@@ -207,9 +207,9 @@ JOINERS_GET_NO_FALLBACK = (
 
 
 async def test_concurrent_min_ttl_callers_all_get_the_still_valid_token_while_upstream_is_down(
-    write_config: Callable[..., Path], authserver: AuthServerProcess, spawn: Spawn
+    write_config: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
-    (broker,) = spawn(write_config(), workers=1, env=ONE_ATTEMPT)
+    (broker,) = start_brokers(write_config(), workers=1, env=ONE_ATTEMPT)
     authserver.configure(delay=0.3)  # the failing fetch is in flight while the others arrive
     async with httpx.AsyncClient(base_url=broker.url, timeout=15, trust_env=False) as client:
         token = await warm_then_fail(client, authserver)

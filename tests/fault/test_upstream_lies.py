@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from broker.store import token_key
-from tests.conftest import CALLER_KEYS, READ, WRITE
-from tests.fault.conftest import Spawn, get_token, keys, log_events
+from tests.conftest import CALLER_KEYS, READ, WRITE, StartBrokers
+from tests.fault.conftest import get_token, keys, log_events
 from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess
 
 pytestmark = pytest.mark.slow
@@ -45,11 +45,11 @@ def assert_invalid(response: httpx.Response) -> None:
 
 
 async def test_malformed_answers_cache_nothing_and_leak_nothing_into_the_log(
-    write_config: Callable[..., Path], redis_url: str, authserver: AuthServerProcess, spawn: Spawn
+    write_config: Callable[..., Path], redis_url: str, authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
     # a breaker that does not open here: which error code a run of malformed answers ends in is
     # the next test's subject
-    (broker,) = spawn(write_config(), env={"BROKER_UPSTREAM_BREAKER_FAILURES": "100"})
+    (broker,) = start_brokers(write_config(), env={"BROKER_UPSTREAM_BREAKER_FAILURES": "100"})
     async with httpx.AsyncClient(base_url=broker.url, timeout=15, trust_env=False) as client:
         valid = await get_token(client, WRITE)
         assert valid.status_code == 200
@@ -92,9 +92,9 @@ BREAKER_COUNTS_MALFORMED = (
 
 
 async def test_a_run_of_malformed_answers_stays_upstream_invalid_response(
-    write_config: Callable[..., Path], authserver: AuthServerProcess, spawn: Spawn
+    write_config: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
-    (broker,) = spawn(write_config(), workers=1, env={"BROKER_UPSTREAM_BREAKER_FAILURES": "3"})
+    (broker,) = start_brokers(write_config(), workers=1, env={"BROKER_UPSTREAM_BREAKER_FAILURES": "3"})
     authserver.configure(fault="html")  # forever: a token_url that serves a web page
     async with httpx.AsyncClient(base_url=broker.url, timeout=15, trust_env=False) as client:
         responses = [await get_token(client) for _ in range(6)]

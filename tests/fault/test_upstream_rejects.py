@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import WRITE
-from tests.fault.conftest import Spawn, get_token
+from tests.conftest import WRITE, StartBrokers
+from tests.fault.conftest import get_token
 from tests.integration.workers import pin_connections
 from tests.support import AuthServerProcess
 
@@ -37,9 +37,9 @@ def assert_rejected(response: httpx.Response) -> None:
 
 
 async def test_a_thousand_requests_for_a_refused_credential_cost_a_handful_of_upstream_requests(
-    write_config: Callable[..., Path], authserver: AuthServerProcess, spawn: Spawn
+    write_config: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
-    (broker,) = spawn(write_config(), env={"BROKER_CACHE_NEGATIVE_TTL_SECONDS": str(NEGATIVE_TTL)})
+    (broker,) = start_brokers(write_config(), env={"BROKER_CACHE_NEGATIVE_TTL_SECONDS": str(NEGATIVE_TTL)})
     authserver.configure(fault="invalid_client")  # forever
     async with contextlib.AsyncExitStack() as stack:
         pinned = await pin_connections(broker, 10, stack)  # 10 connections on each of the 2 workers

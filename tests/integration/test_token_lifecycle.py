@@ -24,8 +24,7 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import READ, WRITE, auth
-from tests.integration.conftest import StartBrokers
+from tests.conftest import READ, WRITE, StartBrokers, auth
 from tests.integration.workers import client_port, pin_connections, pin_workers, workers_of
 from tests.support import AuthServerProcess, BrokerProcess
 

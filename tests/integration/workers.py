@@ -15,34 +15,13 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import BrokerProcess
+from tests.support import BrokerProcess, descendants
 
 __all__ = ["SSL_CONTEXT", "client_port", "descendants", "pin_connections", "pin_workers", "workers_of"]
 
 _PROC = Path("/proc")
 # httpx builds a fresh SSL context per client (~20 ms) unless given one; plain HTTP never uses it.
 SSL_CONTEXT = ssl.create_default_context()
-
-
-def descendants(root: int) -> list[int]:
-    """Every live process below `root` (uvicorn's workers, multiprocessing helpers)."""
-    children: dict[int, list[int]] = {}
-    for entry in _PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: list[int] = []
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _server_side_inodes(server_port: int) -> dict[int, str]:

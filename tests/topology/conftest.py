@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.integration.conftest import pytest_runtest_makereport, start_brokers
 from tests.topology.servers import RedisProcess, redis_binary, servers
 
-__all__ = ["TLSFiles", "pytest_runtest_makereport", "start_brokers"]
+__all__ = ["TLSFiles"]
 
 
 @dataclass(frozen=True)

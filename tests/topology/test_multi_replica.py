@@ -27,8 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import READ, WRITE, auth
-from tests.integration.conftest import StartBrokers
+from tests.conftest import READ, WRITE, StartBrokers, auth
 from tests.support import AuthServerProcess
 from tests.topology.servers import pin_every_worker
 

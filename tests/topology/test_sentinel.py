@@ -19,8 +19,7 @@ import httpx
 import pytest
 
 from broker.store import EVENTS_CHANNEL, token_key
-from tests.conftest import READ, WRITE, auth, config_text
-from tests.integration.conftest import StartBrokers
+from tests.conftest import READ, WRITE, StartBrokers, auth, config_text
 from tests.support import AuthServerProcess
 from tests.topology.servers import RedisProcess, burst_through_small_pool, pin_every_worker, start_sentinel_group
 
