@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from broker.callers import hash_key, new_caller_key
+from broker.embedded_redis import terminate
 from tests.support import CLIENT_ID, CLIENT_SECRET, REPO_ROOT, BrokerProcess, free_port, wait_http
 
 # What broker/cli.py `_run_uvicorn` passes to uvicorn.run besides app, host, port and workers;
@@ -151,13 +152,7 @@ class ServerProcess:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout=15)
         self.proc = None
         if self.log is not None:
             self.log.unlink(missing_ok=True)

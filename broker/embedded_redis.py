@@ -16,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-__all__ = ["EmbeddedRedis", "RedisServerNotFound", "find_redis_server", "free_port"]
+__all__ = ["EmbeddedRedis", "RedisServerNotFound", "find_redis_server", "free_port", "terminate"]
 
 
 _PR_SET_PDEATHSIG = 1
@@ -57,6 +58,18 @@ def _die_with_parent() -> None:
     """Linux: SIGTERM redis-server if its parent dies without stopping it (e.g. SIGKILL)."""
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def terminate(process: subprocess.Popen[Any] | None, timeout: float = 5.0) -> None:
+    """SIGTERM, wait up to `timeout`, then SIGKILL: a child process is gone when this returns."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def free_port() -> int:
@@ -131,13 +144,7 @@ class EmbeddedRedis:
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         self.process = None
         if self._dir is not None:
             self._dir.cleanup()

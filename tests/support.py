@@ -16,6 +16,7 @@ from typing import Any, Self
 
 import httpx
 
+from broker.embedded_redis import terminate
 from tests.authserver import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -138,15 +139,8 @@ class AuthServerProcess:
         if self._client is not None:
             self._client.close()
             self._client = None
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.terminate()
-                try:
-                    self._proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
-            self._proc = None
+        terminate(self._proc)
+        self._proc = None
         if self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
             self.log_path = None
@@ -233,13 +227,7 @@ class BrokerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout=15)
         self.proc = None
 
     def __enter__(self) -> Self:

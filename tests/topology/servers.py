@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 
-from broker.embedded_redis import find_redis_server
+from broker.embedded_redis import find_redis_server, terminate
 from tests.integration.workers import pin_connections
 from tests.support import BrokerProcess, free_port
 
@@ -114,13 +114,7 @@ class RedisProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            terminate(self.proc)
             if self.proc.stderr is not None:
                 self.proc.stderr.close()
             self.proc = None
