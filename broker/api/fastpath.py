@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker import scopes
 from broker.api.routes import MAX_QUERY_BYTES
-from broker.api.routes import _min_ttl as min_ttl_seconds  # the route's own check, not a copy
+from broker.api.routes import parse_min_ttl as min_ttl_seconds  # the route's own check, not a copy
 from broker.api.state import Broker
 from broker.errors import BrokerError, InvalidRequest
 from broker.store import CachedToken

@@ -18,7 +18,7 @@ from broker.callers import CallerRegistry
 from broker.errors import InvalidRequest
 from broker.settings import CallerSettings, CredentialSettings
 
-__all__ = ["get_token", "healthz", "invalidate_token", "metrics", "openapi", "readyz"]
+__all__ = ["get_token", "healthz", "invalidate_token", "metrics", "openapi", "parse_min_ttl", "readyz"]
 
 MAX_MIN_TTL = 366 * 24 * 3600
 MAX_QUERY_BYTES = 4096
@@ -58,7 +58,7 @@ def _single(request: Request, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _min_ttl(raw: str | None) -> int:
+def parse_min_ttl(raw: str | None) -> int:
     if raw is None:
         return 0
     if not raw.isascii() or not raw.isdigit() or len(raw) > 9 or int(raw) > MAX_MIN_TTL:
@@ -70,7 +70,7 @@ async def get_token(request: Request) -> Response:
     broker = _broker(request)
     credential, granted = _granted(request)
     raw_scope = _single(request, "scope")
-    min_ttl = _min_ttl(_single(request, "min_ttl"))
+    min_ttl = parse_min_ttl(_single(request, "min_ttl"))
     scope_set = _scope_set(credential, granted, raw_scope)
     entry, source = await broker.tokens.get(credential, scope_set, min_ttl)
     request.state.outcome = source
