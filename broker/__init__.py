@@ -1,1 +1,53 @@
-"""token-broker."""
+"""token-broker: OAuth 2.0 client credentials held centrally, ready access tokens for callers.
+
+The package surface is small on purpose: the app factory, the settings loader and the errors.
+"""
+
+import typing
+
+from broker.errors import (
+    AccessDenied,
+    BrokerError,
+    ConfigError,
+    InsufficientScope,
+    InvalidCallerToken,
+    InvalidRequest,
+    UpstreamError,
+    UpstreamInvalidResponse,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+from broker.settings import Settings, load_settings
+
+if typing.TYPE_CHECKING:
+    from broker.api import create_app
+
+__all__ = [
+    "AccessDenied",
+    "BrokerError",
+    "ConfigError",
+    "InsufficientScope",
+    "InvalidCallerToken",
+    "InvalidRequest",
+    "Settings",
+    "UpstreamError",
+    "UpstreamInvalidResponse",
+    "UpstreamRejected",
+    "UpstreamUnavailable",
+    "create_app",
+    "load_settings",
+]
+
+
+def __getattr__(name: str) -> typing.Any:
+    # Imported on first use: the app pulls in prometheus_client, which must not be imported before
+    # `token-broker serve` has pointed PROMETHEUS_MULTIPROC_DIR at its directory.
+    if name == "create_app":
+        from broker.api import create_app  # noqa: PLC0415
+
+        return create_app
+    raise AttributeError(name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "create_app"})
