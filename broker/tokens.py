@@ -7,7 +7,6 @@ get ─▶ L1 (this worker, only while subscribed to events) ─▶ L2 (Redis) �
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections import OrderedDict
@@ -19,9 +18,10 @@ import structlog
 from broker.clock import Clock, SystemClock
 from broker.errors import StoreUnavailable, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from broker.metrics import Stats
+from broker.refusals import RecentRefusals
 from broker.settings import CacheSettings, CredentialSettings
 from broker.singleflight import DistributedFlight, LocalFlight
-from broker.store import CachedToken, Event, Rejection, Store, fingerprint, lock_key, rejection_key, token_key
+from broker.store import CachedToken, Event, Store, fingerprint, lock_key, token_key
 from broker.upstream import FetchedToken, UpstreamClient
 
 __all__ = ["Source", "TokenService", "cache_window", "effective_skew", "is_fresh"]
@@ -48,12 +48,6 @@ def cache_window(lifetime: float, skew: float) -> float:
 
 def is_fresh(entry: CachedToken, now: float) -> bool:
     return now < entry.fresh_until
-
-
-def _rejected(rejection: Rejection) -> UpstreamRejected:
-    return UpstreamRejected(
-        rejection.description, upstream_error=rejection.upstream_error, upstream_status=rejection.upstream_status
-    )
 
 
 def _cacheable(entry: CachedToken, now: float) -> bool:
@@ -117,7 +111,7 @@ class TokenService:
         self._refresh_not_before: dict[str, float] = {}
         self._refreshing: set[str] = set()  # keys whose running flight is a background refresh
         self._refresh_delay: dict[str, float] = {}
-        self._rejections: dict[str, tuple[Rejection, float]] = {}  # key → (refusal, monotonic expiry)
+        self.refusals = RecentRefusals(store, cache.negative_ttl_seconds, cache.l1_max_entries)
 
     # -- events -------------------------------------------------------------------------------
 
@@ -210,7 +204,7 @@ class TokenService:
             if fallback is not None:
                 return fallback, "l2"
             raise joined_error
-        self._raise_if_rejected(key)
+        self.refusals.raise_if_known_here(credential.name, scope_set)
 
         def accept(candidate: CachedToken) -> bool:
             return self._satisfies(candidate, self.clock.now(), min_ttl)
@@ -246,7 +240,7 @@ class TokenService:
         deadline: float,
     ) -> tuple[CachedToken, Source]:
         async def fetch_and_store() -> CachedToken:
-            entry = await self._fetch_upstream(credential, scope_set, key, deadline)
+            entry = await self._fetch_upstream(credential, scope_set, deadline)
             return await self._store(key, entry)
 
         try:
@@ -255,53 +249,21 @@ class TokenService:
             )
         except StoreUnavailable:
             # Redis is down: availability wins, fetch with in-process single-flight only.
-            entry, fetched_here = await self._fetch_upstream(credential, scope_set, key, deadline), True
+            entry, fetched_here = await self._fetch_upstream(credential, scope_set, deadline), True
         if _cacheable(entry, self.clock.now()) and self._l1_usable():
             self.l1.put(key, entry)
         self._refresh_delay.pop(key, None)
         return entry, ("fetched" if fetched_here else "l2")
 
-    async def _fetch_upstream(
-        self, credential: CredentialSettings, scope_set: str, key: str, deadline: float
-    ) -> CachedToken:
+    async def _fetch_upstream(self, credential: CredentialSettings, scope_set: str, deadline: float) -> CachedToken:
         """One upstream request, unless the authorization server refused this one a moment ago."""
-        await self._check_rejection(credential.name, scope_set, key)
+        await self.refusals.raise_if_known(credential.name, scope_set)
         try:
             fetched = await self.upstream.fetch(credential, scope_set, deadline)
         except UpstreamRejected as exc:
-            await self._remember_rejection(credential.name, scope_set, key, exc)
+            await self.refusals.remember(credential.name, scope_set, exc)
             raise
         return self._entry_from(fetched)
-
-    # -- negative cache -----------------------------------------------------------------------------
-
-    def _raise_if_rejected(self, key: str) -> None:
-        remembered = self._rejections.get(key)
-        if remembered is not None:
-            rejection, until = remembered
-            if time.monotonic() < until:
-                raise _rejected(rejection)
-            del self._rejections[key]
-
-    async def _check_rejection(self, credential: str, scope_set: str, key: str) -> None:
-        self._raise_if_rejected(key)
-        try:
-            rejection = await self.store.get_rejection(rejection_key(credential, scope_set))
-        except StoreUnavailable:
-            return
-        if rejection is not None:
-            raise _rejected(rejection)
-
-    async def _remember_rejection(self, credential: str, scope_set: str, key: str, exc: UpstreamRejected) -> None:
-        ttl = self.cache.negative_ttl_seconds
-        if ttl <= 0:
-            return
-        rejection = Rejection(exc.description, exc.upstream_error, exc.upstream_status)
-        if len(self._rejections) >= self.cache.l1_max_entries:
-            self._rejections.clear()
-        self._rejections[key] = (rejection, time.monotonic() + ttl)
-        with contextlib.suppress(StoreUnavailable):
-            await self.store.put_rejection(rejection_key(credential, scope_set), rejection, ttl)
 
     def _entry_from(self, fetched: FetchedToken) -> CachedToken:
         window = cache_window(fetched.lifetime, self.cache.skew_seconds)
