@@ -17,10 +17,8 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import hypothesis
 import pytest
-import redis
 import schemathesis
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -34,7 +32,8 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from tests.conftest import ADMIN, CALLER_KEYS, READ, SECRET_ENV, WRITE, config_text
+from tests.conftest import ADMIN, CALLER_KEYS, READ, WRITE
+from tests.fuzz.conftest import assert_alive_and_clean, live_broker_process
 from tests.support import CLIENT_SECRET, REPO_ROOT, AuthServerProcess, BrokerProcess
 
 CONFIG = schemathesis.Config.from_dict(
@@ -116,23 +115,13 @@ def live_broker(
     redis_server: str, authserver_session: AuthServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BrokerProcess]:
     """One `token-broker serve` process for the whole module; checked alive and clean at the end."""
-    with redis.Redis.from_url(redis_server) as client:
-        client.flushdb()
-    authserver_session.reset()
-    path = tmp_path_factory.mktemp("schemathesis") / "broker.toml"
-    path.write_text(config_text(redis_server, authserver_session), encoding="utf-8")
-    with BrokerProcess(path, env={SECRET_ENV: CLIENT_SECRET}) as broker:
+    with live_broker_process(redis_server, authserver_session, tmp_path_factory.mktemp("schemathesis")) as broker:
         yield broker
         cases = sum(count for key, count in STATS.items() if key.startswith(("op:", "step:")))
         print(f"\nschemathesis: {cases} cases, server errors: {STATS['server_errors']}")
         for key, count in sorted(STATS.items()):
             print(f"  {key}: {count}")
-        assert broker.proc is not None
-        assert broker.proc.poll() is None, "the broker process died"
-        assert httpx.get(f"{broker.url}/healthz", timeout=5).status_code == 200
-        output = broker.output()
-        for sign in ("Traceback", "request.unhandled", "Exception in ASGI application"):
-            assert sign not in output, f"broker log shows {sign!r}:\n{output[-4000:]}"
+        assert_alive_and_clean(broker)
 
 
 def _count(response: schemathesis.Response) -> None:
