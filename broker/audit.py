@@ -8,9 +8,10 @@ Never the token itself: only its fingerprint.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
+
+from broker.tasks import cancel
 
 __all__ = ["AuditTrail"]
 
@@ -46,11 +47,8 @@ class AuditTrail:
         self._task = asyncio.create_task(self._run(), name="tb-audit")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         self.flush()
 
     async def _run(self) -> None:

@@ -20,6 +20,7 @@ import structlog
 
 from broker.errors import StoreUnavailable, UpstreamUnavailable
 from broker.store import CachedToken, Event, Store
+from broker.tasks import cancel
 
 __all__ = ["DistributedFlight", "LocalFlight"]
 
@@ -40,9 +41,6 @@ class LocalFlight(Generic[T]):
     def running(self, key: str) -> bool:
         return key in self._tasks
 
-    def waiters(self) -> int:
-        return len(self._tasks)
-
     async def join(self, key: str) -> T | None:
         """The result of the work running for `key`, or None at once if none is running."""
         task = self._tasks.get(key)
@@ -53,16 +51,15 @@ class LocalFlight(Generic[T]):
         task = self._tasks.get(key)
         led = task is None
         if task is None:
-            task = asyncio.ensure_future(factory())
-            self._tasks[key] = task
-            task.add_done_callback(lambda t: self._done(key, t))
+            task = self._spawn(key, factory)
         # shield: a caller that goes away must not cancel the fetch others are waiting for
         return await asyncio.shield(task), led
 
     def start(self, key: str, factory: Callable[[], Awaitable[T]]) -> asyncio.Task[T] | None:
         """Start background work for `key` unless some is already running."""
-        if key in self._tasks:
-            return None
+        return None if key in self._tasks else self._spawn(key, factory)
+
+    def _spawn(self, key: str, factory: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
         task = asyncio.ensure_future(factory())
         self._tasks[key] = task
         task.add_done_callback(lambda t: self._done(key, t))
@@ -116,9 +113,7 @@ class DistributedFlight:
                         return current, False
                     return await fetch(), True
                 finally:
-                    renewer.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await renewer
+                    await cancel(renewer)
                     with contextlib.suppress(StoreUnavailable):
                         await self.store.release_lock(lock, owner)
             found = await self._wait(key, lock, accept, deadline)

@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from broker.errors import StoreUnavailable
 from broker.redis_client import connect  # re-exported: the client for any topology
 from broker.scopes import scope_set_id
+from broker.tasks import cancel
 
 __all__ = [
     "EVENTS_CHANNEL",
@@ -289,11 +290,8 @@ class EventSubscriber:
         return True
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     def _set_live(self, live: bool) -> None:
         if live != self.live:

@@ -139,7 +139,7 @@ class TokenService:
 
     def get_l1(self, credential: str, scope_set: str, min_ttl: float) -> CachedToken | None:
         """A hit from this worker's memory with no I/O at all, or None."""
-        if not (self.l1_enabled or not self.store.reachable):
+        if not self._l1_usable():
             return None
         key = token_key(credential, scope_set)
         entry = self.l1.get(key)

@@ -26,6 +26,7 @@ from broker.clock import Clock, SystemClock
 from broker.errors import BrokerError, StoreUnavailable
 from broker.settings import Settings
 from broker.store import EventSubscriber, Store
+from broker.tasks import cancel
 from broker.tokens import TokenService
 from broker.upstream import UpstreamClient, new_http_client
 
@@ -126,10 +127,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         try:
             yield {"broker": Broker(settings, callers, tokens, store, health, clock, audit)}
         finally:
-            for task in (watcher, flusher):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel(watcher)
+            await cancel(flusher)
             await subscriber.stop()
             await tokens.flights.cancel_all()
             await audit.stop()

@@ -50,8 +50,6 @@ def _scope_set(credential: CredentialSettings, granted: frozenset[str], raw_scop
 
 
 def _single(request: Request, name: str) -> str | None:
-    if len(request.scope["query_string"]) > MAX_QUERY_BYTES:
-        raise InvalidRequest(f"The query string is longer than {MAX_QUERY_BYTES} bytes.")
     values = request.query_params.getlist(name)
     if len(values) > 1:
         raise InvalidRequest(f"The {name} parameter may be given only once.")
@@ -69,6 +67,8 @@ def parse_min_ttl(raw: str | None) -> int:
 async def get_token(request: Request) -> Response:
     broker = _broker(request)
     credential, granted = _granted(request)
+    if len(request.scope["query_string"]) > MAX_QUERY_BYTES:
+        raise InvalidRequest(f"The query string is longer than {MAX_QUERY_BYTES} bytes.")
     raw_scope = _single(request, "scope")
     min_ttl = parse_min_ttl(_single(request, "min_ttl"))
     scope_set = _scope_set(credential, granted, raw_scope)
