@@ -19,7 +19,8 @@ from typing import Generic, TypeVar
 import structlog
 
 from broker.errors import StoreUnavailable, UpstreamUnavailable
-from broker.store import CachedToken, Event, Store
+from broker.events import Event
+from broker.store import CachedToken, Store
 from broker.tasks import cancel
 
 __all__ = ["DistributedFlight", "LocalFlight"]

@@ -17,11 +17,12 @@ import structlog
 
 from broker.clock import Clock, SystemClock
 from broker.errors import StoreUnavailable, UpstreamError, UpstreamRejected, UpstreamUnavailable
+from broker.events import Event
 from broker.metrics import Stats
 from broker.refusals import RecentRefusals
 from broker.settings import CacheSettings, CredentialSettings
 from broker.singleflight import DistributedFlight, LocalFlight
-from broker.store import CachedToken, Event, Store, fingerprint, lock_key, token_key
+from broker.store import CachedToken, Store, fingerprint, lock_key, token_key
 from broker.upstream import FetchedToken, UpstreamClient
 
 __all__ = ["Source", "TokenService", "cache_window", "effective_skew", "is_fresh"]

@@ -24,8 +24,9 @@ from broker.audit import AuditTrail
 from broker.callers import CallerRegistry
 from broker.clock import Clock, SystemClock
 from broker.errors import BrokerError, StoreUnavailable
+from broker.events import EventSubscriber
 from broker.settings import Settings
-from broker.store import EventSubscriber, Store
+from broker.store import EVENTS_CHANNEL, Store
 from broker.tasks import cancel
 from broker.tokens import TokenService
 from broker.upstream import UpstreamClient, new_http_client
@@ -116,7 +117,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             request_deadline=settings.server.request_deadline_seconds,
             clock=clock,
         )
-        subscriber = EventSubscriber(redis, tokens.on_event, tokens.on_subscription)
+        subscriber = EventSubscriber(redis, EVENTS_CHANNEL, tokens.on_event, tokens.on_subscription)
         health = Health()
         audit = AuditTrail()
         audit.start()
