@@ -113,8 +113,11 @@ def in_process_bytes_per_entry(entries: int, token_length: int = 900) -> dict[st
     """tracemalloc: what N real L1 entries (key, CachedToken, token string) and their pre-encoded
     fast path responses hold."""
     from broker.api.fastpath import FastPath
-    from broker.store import CachedToken, fingerprint, token_key
-    from broker.tokens import L1Cache
+    from broker.entries import CachedToken, fingerprint
+    from broker.l1 import L1Cache
+    from broker.store import Keys
+
+    keys = Keys()
 
     tracemalloc.start()
     l1 = L1Cache(entries)
@@ -122,17 +125,18 @@ def in_process_bytes_per_entry(entries: int, token_length: int = 900) -> dict[st
     cached: list[CachedToken] = []
     for i in range(1, entries + 1):
         access_token = secrets.token_urlsafe(token_length)[:token_length]
-        now = time.time()
+        now = time.monotonic()
         entry = CachedToken(
             access_token=access_token,
             scope=scope_set(i),
-            expires_at=now + 3600,
+            expires_at=time.time() + 3600,
+            expires=now + 3600,
             fresh_until=now + 3570,
             refresh_at=now + 2500,
             fetched_at=now,
             fingerprint=fingerprint(access_token),
         )
-        l1.put(token_key(CREDENTIAL, entry.scope), entry)
+        l1.put(keys.for_token(CREDENTIAL, "shape", entry.scope).token, entry)
         cached.append(entry)
     after_l1 = tracemalloc.get_traced_memory()[0]
     fast = FastPath(app=None, max_encoded=entries)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ import httpx
 
 from bench.common import CREDENTIAL, SCOPES, Caller, broker, broker_config, latency_summary_ms, write_config
 from broker.embedded_redis import EmbeddedRedis
-from broker.store import fingerprint
+from broker.entries import fingerprint
 from tests.support import REPO_ROOT, AuthServerProcess
 
 SCOPE_SETS = (SCOPES[0], SCOPES[1], f"{SCOPES[0]} {SCOPES[1]}", SCOPES[2])

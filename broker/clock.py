@@ -1,4 +1,8 @@
-"""Time, injectable: wall-clock seconds for expiries, so tests can step a fake clock."""
+"""Time, injectable, so tests can step a fake clock.
+
+Freshness is judged by `monotonic()` only (spec §4.3: never by another host's wall clock); the
+wall clock `now()` is for what callers are told and for the upstream's `exp` claims.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,17 @@ class Clock(Protocol):
         """Seconds since the epoch."""
         ...
 
+    def monotonic(self) -> float:
+        """Seconds on this process's monotonic clock."""
+        ...
+
 
 class SystemClock:
     def now(self) -> float:
         return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
 
 
 class FakeClock:
@@ -24,9 +35,14 @@ class FakeClock:
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self._now = start
+        self._monotonic = time.monotonic()
 
     def now(self) -> float:
         return self._now
 
+    def monotonic(self) -> float:
+        return self._monotonic
+
     def advance(self, seconds: float) -> None:
         self._now += seconds
+        self._monotonic += seconds

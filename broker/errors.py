@@ -10,7 +10,8 @@ BrokerError                      base: status, OAuth-style code, human sentence
 │   ├── UpstreamRejected         502 upstream_rejected: terminal, not retried
 │   ├── UpstreamInvalidResponse  502 upstream_invalid_response: not a valid token response
 │   └── UpstreamUnavailable      503 upstream_unavailable: transient, retried
-└── StoreUnavailable             Redis could not be reached (handled inside the token service)
+├── StoreUnavailable             Redis could not be reached (handled inside the token service)
+└── StoreBusy                    503 temporarily_unavailable: no Redis connection free in time (load)
 
 ConfigError                      invalid configuration: one line per problem (not a BrokerError:
                                  it never reaches a caller, it stops the process with exit code 2)
@@ -28,6 +29,7 @@ __all__ = [
     "InsufficientScope",
     "InvalidCallerToken",
     "InvalidRequest",
+    "StoreBusy",
     "StoreUnavailable",
     "UpstreamError",
     "UpstreamInvalidResponse",
@@ -132,6 +134,20 @@ class UpstreamUnavailable(UpstreamError):
 class StoreUnavailable(BrokerError):
     status = 503
     code = "temporarily_unavailable"
+
+
+class StoreBusy(BrokerError):
+    """Every Redis connection was in use for longer than the pool waits: the broker is overloaded.
+
+    Not an outage: nothing falls back to fetching without the lock, which would turn load into a
+    stampede upstream. A still-valid token is served instead where there is one.
+    """
+
+    status = 503
+    code = "temporarily_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class ConfigError(Exception):

@@ -37,6 +37,7 @@ __all__ = [
     "SCHEMES",
     "SENTINEL_SCHEMES",
     "STANDALONE_SCHEMES",
+    "PoolExhausted",
     "RedisTarget",
     "RedisURLError",
     "connect",
@@ -60,6 +61,22 @@ POOL_TIMEOUT = 2.0  # how long a command waits for a free connection before coun
 SOCKET_CONNECT_TIMEOUT = 1.0  # a cache slower than this is treated as down: callers are served without it
 SOCKET_TIMEOUT = 1.0
 HEALTH_CHECK_INTERVAL = 10
+
+
+class PoolExhausted(RedisConnectionError):
+    """Every connection stayed busy for longer than the pool waits: load, not an outage."""
+
+
+class _BlockingPool(aioredis.BlockingConnectionPool):
+    """The blocking pool, telling "no connection free in time" apart from "Redis is down"."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except RedisConnectionError as exc:
+            if isinstance(exc.__cause__, TimeoutError) and not isinstance(exc, PoolExhausted):
+                raise PoolExhausted("No connection available.") from exc
+            raise
 
 
 class RedisURLError(ValueError):
@@ -218,7 +235,7 @@ def connect(
         return cast(aioredis.Redis, _cluster(target, tls, max_connections))
     # A blocking pool: a burst of requests waits for a connection instead of failing with
     # "Too many connections" (which would look like Redis being down).
-    pool = aioredis.BlockingConnectionPool.from_url(
+    pool = _BlockingPool.from_url(
         url,
         max_connections=max_connections,
         timeout=POOL_TIMEOUT,
@@ -232,7 +249,7 @@ def connect(
 # -- Sentinel -------------------------------------------------------------------------------------
 
 
-class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+class _BlockingSentinelPool(SentinelConnectionPool, _BlockingPool):
     """The sentinel-managed pool (asks the sentinels for the master on every new connection, drops
     connections to a former master) with the blocking pool's wait-for-a-connection behaviour."""
 
@@ -293,7 +310,7 @@ class _BoundedCluster(RedisCluster):
             async with asyncio.timeout(self._pool_timeout):
                 await self._in_flight.acquire()
         except TimeoutError:
-            raise RedisConnectionError("No connection available.") from None
+            raise PoolExhausted("No connection available.") from None
         try:
             return await super().execute_command(*args, **kwargs)
         finally:

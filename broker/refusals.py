@@ -2,7 +2,8 @@
 
 A misconfigured credential must not be hammered: a refusal (`upstream_rejected`) is kept per
 (credential, scope set) for `[cache] negative_ttl_seconds`, in this worker and in Redis so every
-worker and replica answers from it.
+worker and replica answers from it. It is consulted in one place only, at the start of a fetch,
+so it is an upstream error like any other there: a still-valid cached token beats it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import time
 
-from broker.errors import StoreUnavailable, UpstreamRejected
-from broker.store import Rejection, Store, rejection_key
+from broker.entries import Rejection
+from broker.errors import StoreBusy, StoreUnavailable, UpstreamRejected
+from broker.store import Store, TokenKeys
 
 __all__ = ["RecentRefusals"]
 
@@ -29,33 +31,27 @@ class RecentRefusals:
         self.max_entries = max_entries
         self._local: dict[str, tuple[Rejection, float]] = {}  # Redis key → (refusal, monotonic expiry)
 
-    def raise_if_known_here(self, credential: str, scope_set: str) -> None:
-        """Raise the refusal this worker remembers, without any I/O."""
-        key = rejection_key(credential, scope_set)
-        remembered = self._local.get(key)
+    async def check(self, keys: TokenKeys) -> None:
+        """Raise the refusal this worker or any other remembers: this worker's first, no I/O."""
+        remembered = self._local.get(keys.refusal)
         if remembered is not None:
             rejection, until = remembered
             if time.monotonic() < until:
                 raise _error(rejection)
-            del self._local[key]
-
-    async def raise_if_known(self, credential: str, scope_set: str) -> None:
-        """Raise the refusal this worker or any other remembers."""
-        self.raise_if_known_here(credential, scope_set)
+            del self._local[keys.refusal]
         try:
-            rejection = await self.store.get_rejection(rejection_key(credential, scope_set))
-        except StoreUnavailable:
+            shared = await self.store.get_rejection(keys)
+        except (StoreUnavailable, StoreBusy):
             return
-        if rejection is not None:
-            raise _error(rejection)
+        if shared is not None:
+            raise _error(shared)
 
-    async def remember(self, credential: str, scope_set: str, exc: UpstreamRejected) -> None:
+    async def remember(self, keys: TokenKeys, exc: UpstreamRejected) -> None:
         if self.ttl <= 0:
             return
-        key = rejection_key(credential, scope_set)
         rejection = Rejection(exc.description, exc.upstream_error, exc.upstream_status)
         if len(self._local) >= self.max_entries:
             self._local.clear()
-        self._local[key] = (rejection, time.monotonic() + self.ttl)
-        with contextlib.suppress(StoreUnavailable):
-            await self.store.put_rejection(key, rejection, self.ttl)
+        self._local[keys.refusal] = (rejection, time.monotonic() + self.ttl)
+        with contextlib.suppress(StoreUnavailable, StoreBusy):
+            await self.store.put_rejection(keys, rejection, self.ttl)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 from broker.errors import InvalidRequest
 
-__all__ = ["MAX_SCOPES", "MAX_SCOPE_LENGTH", "canonical", "parse", "scope_set_id"]
+__all__ = ["MAX_SCOPES", "MAX_SCOPE_LENGTH", "canonical", "parse"]
 
 # RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
@@ -40,8 +39,3 @@ def parse(raw: str) -> tuple[str, ...]:
 def canonical(scopes: tuple[str, ...] | list[str]) -> str:
     """The scope set as one string: de-duplicated, sorted, joined with one space."""
     return " ".join(sorted(set(scopes)))
-
-
-def scope_set_id(scope_set: str) -> str:
-    """A short, fixed-length name for a scope set, used in Redis keys."""
-    return hashlib.sha256(scope_set.encode()).hexdigest()[:32]

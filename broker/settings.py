@@ -7,8 +7,11 @@ Every problem found is reported as one line naming its key; `load_settings` rais
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +39,8 @@ __all__ = [
 AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 _PLANNED_AUTH_METHODS = ("private_key_jwt", "tls_client_auth")
 _SHA256_HEX = frozenset("0123456789abcdef")
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9._\-]{1,32}")
+_NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")  # credential and caller names: URL path segments, Redis hash tags
 
 T = TypeVar("T")
 
@@ -57,11 +62,13 @@ class RedisSettings:
     tls_ca_file: str | None = None  # rediss: CA bundle the server certificate must chain to (else the system's)
     tls_cert_file: str | None = None  # rediss: client certificate, for servers that require one
     tls_key_file: str | None = None  # its private key, unless tls_cert_file holds it too
+    key_prefix: str = "tb"  # every key and the events channel start with it: one per deployment
 
     def __repr__(self) -> str:
         return (
             f"RedisSettings(url={redact_url(self.url)!r}, tls_ca_file={self.tls_ca_file!r},"
-            f" tls_cert_file={self.tls_cert_file!r}, tls_key_file={self.tls_key_file!r})"
+            f" tls_cert_file={self.tls_cert_file!r}, tls_key_file={self.tls_key_file!r},"
+            f" key_prefix={self.key_prefix!r})"
         )
 
 
@@ -73,6 +80,7 @@ class CacheSettings:
     l1_max_entries: int = 10_000
     lock_ttl_seconds: float = 5.0  # shorter than the request deadline; renewed while fetching
     negative_ttl_seconds: float = 5.0  # how long an upstream refusal is remembered per (credential, scope set)
+    invalidate_min_interval_seconds: float = 10.0  # a token younger than this is dropped at most once per interval
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,22 @@ class CredentialSettings:
     audience: str | None = None
     resource: str | None = None
     extra_params: Mapping[str, str] = field(default_factory=dict)
+    # A fingerprint of every field that shapes a token: part of every Redis key of the credential,
+    # so a changed credential (or another deployment's) never serves the old one's tokens.
+    shape: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fields = [
+            self.client_id,
+            self.token_url,
+            self.issuer,
+            self.auth_method,
+            self.audience,
+            self.resource,
+            sorted(self.extra_params.items()),
+        ]
+        digest = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+        object.__setattr__(self, "shape", digest)
 
 
 @dataclass(frozen=True)
@@ -305,6 +329,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "cache.l1_max_entries": (1, 10_000_000),
     "cache.lock_ttl_seconds": (0.5, 60),
     "cache.negative_ttl_seconds": (0, 300),
+    "cache.invalidate_min_interval_seconds": (0, 3600),
     "upstream.connect_timeout_seconds": (0.05, 60),
     "upstream.timeout_seconds": (0.05, 300),
     "upstream.max_attempts": (1, 10),
@@ -360,6 +385,8 @@ def _redis(r: _Reader, t: Mapping[str, Any]) -> RedisSettings:
             r.problem(f"redis.{name}", f"no such file: {path}")
         elif not os.access(path, os.R_OK):
             r.problem(f"redis.{name}", f"cannot read {path}")
+    if not _KEY_PREFIX.fullmatch(redis.key_prefix):
+        r.problem("redis.key_prefix", "must be 1-32 letters, digits, '.', '_' or '-'")
     if redis.tls_key_file is not None and redis.tls_cert_file is None:
         r.problem("redis.tls_key_file", "needs redis.tls_cert_file (the client certificate it belongs to)")
     return redis
@@ -484,6 +511,9 @@ def parse_settings(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
     raw_credentials = r.table(data, "credentials", "credentials")
     credentials: dict[str, CredentialSettings] = {}
     for name, table in raw_credentials.items():
+        if not _NAME.fullmatch(name):
+            r.problem(f"credentials.{name}", "a credential name is 1-64 letters, digits, '.', '_' or '-'")
+            continue
         if not isinstance(table, dict):
             r.problem(f"credentials.{name}", "must be a table")
             continue
@@ -492,6 +522,9 @@ def parse_settings(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
             credentials[name] = cred
     callers: dict[str, CallerSettings] = {}
     for name, table in r.table(data, "callers", "callers").items():
+        if not _NAME.fullmatch(name):
+            r.problem(f"callers.{name}", "a caller name is 1-64 letters, digits, '.', '_' or '-'")
+            continue
         if not isinstance(table, dict):
             r.problem(f"callers.{name}", "must be a table")
             continue

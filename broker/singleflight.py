@@ -2,7 +2,7 @@
 the fleet (a Redis lock with a double-checked read), spec §4.4.
 
     miss ─▶ join the local task for the key, or start it
-              └─▶ SET lock NX PX ── won ──▶ re-read L2 ── still missing ──▶ fetch, write, release
+              └─▶ lock (NX PX, + fence) ── won ──▶ re-read L2 ── still missing ──▶ fetch, fenced write, release
                                  └─ lost ─▶ wait for the "set" event (bounded poll as fallback);
                                             lock gone and still nothing ─▶ try the lock again
 """
@@ -18,9 +18,10 @@ from typing import Generic, TypeVar
 
 import structlog
 
-from broker.errors import StoreUnavailable, UpstreamUnavailable
+from broker.entries import CachedToken
+from broker.errors import StoreBusy, StoreUnavailable, UpstreamUnavailable
 from broker.events import Event
-from broker.store import CachedToken, Store
+from broker.store import Lock, Store, TokenKeys
 from broker.tasks import cancel
 
 __all__ = ["DistributedFlight", "LocalFlight"]
@@ -82,7 +83,12 @@ class LocalFlight(Generic[T]):
 
 
 class DistributedFlight:
-    """The cross-process half: a Redis lock per key, waiting on events for the winner's value."""
+    """The cross-process half: a Redis lock per key, waiting on events for the winner's value.
+
+    The lock comes with a fence (a number above every earlier one for the key) that the holder's
+    write carries: a holder that lost its lock (stalled past its TTL) can still write, but never
+    over a token written under a later lock, nor after a drop of one (spec §4.4).
+    """
 
     def __init__(self, store: Store, lock_ttl: float) -> None:
         self.store = store
@@ -97,47 +103,51 @@ class DistributedFlight:
 
     async def run(
         self,
-        key: str,
-        lock: str,
+        keys: TokenKeys,
         accept: Callable[[CachedToken], bool],
-        fetch: Callable[[], Awaitable[CachedToken]],
+        fetch: Callable[[int], Awaitable[CachedToken]],
         deadline: float,
     ) -> tuple[CachedToken, bool]:
-        """A token for `key` that `accept` likes: someone's, or one we fetch. (token, fetched_here)."""
+        """A token that `accept` likes: someone's, or one `fetch(fence)` gets. (token, fetched_here)."""
         owner = secrets.token_hex(16)
         while True:
-            if await self.store.acquire_lock(lock, owner, self.lock_ttl):
-                renewer = asyncio.create_task(self._renew(lock, owner))
+            lock = await self.store.acquire_lock(keys, owner, self.lock_ttl)
+            if lock is not None:
+                renewer = asyncio.create_task(self._renew(lock))
                 try:
-                    current = await self.store.get(key)  # double-check under the lock
+                    current = await self.store.get(keys)  # double-check under the lock
                     if current is not None and accept(current):
                         return current, False
-                    return await fetch(), True
+                    return await fetch(lock.fence), True
                 finally:
                     await cancel(renewer)
-                    with contextlib.suppress(StoreUnavailable):
-                        await self.store.release_lock(lock, owner)
-            found = await self._wait(key, lock, accept, deadline)
+                    with contextlib.suppress(StoreUnavailable, StoreBusy):
+                        await self.store.release_lock(lock)
+            found = await self._wait(keys, accept, deadline)
             if found is not None:
                 return found, False
 
-    async def _renew(self, lock: str, owner: str) -> None:
-        """Keep the lock while the fetch runs; a dead holder stops renewing and the lock expires."""
+    async def _renew(self, lock: Lock) -> None:
+        """Keep the lock while the fetch runs; a dead holder stops renewing and the lock expires.
+
+        A failed renewal is tried again next time (a Redis blip must not cost the lock for good);
+        a lock found taken over is given up: the fence keeps this holder's write from doing harm.
+        """
         while True:
             await asyncio.sleep(self.lock_ttl / 3)
             try:
-                if not await self.store.renew_lock(lock, owner, self.lock_ttl):
-                    log.warning("singleflight.lock_lost", lock=lock)
+                if not await self.store.renew_lock(lock, self.lock_ttl):
+                    log.warning("singleflight.lock_lost", lock=lock.key)
                     return
-            except StoreUnavailable:
-                return
+            except (StoreUnavailable, StoreBusy):
+                continue
 
     async def _wait(
-        self, key: str, lock: str, accept: Callable[[CachedToken], bool], deadline: float
+        self, keys: TokenKeys, accept: Callable[[CachedToken], bool], deadline: float
     ) -> CachedToken | None:
         """Wait for another process's fetch. None when its lock is gone and nothing usable came."""
         waiter = asyncio.Event()
-        self._waiters.setdefault(key, set()).add(waiter)
+        self._waiters.setdefault(keys.token, set()).add(waiter)
         poll = _POLL_FIRST
         try:
             while True:
@@ -148,15 +158,15 @@ class DistributedFlight:
                     async with asyncio.timeout(min(poll, remaining)):
                         await waiter.wait()
                 waiter.clear()
-                current = await self.store.get(key)
+                current = await self.store.get(keys)
                 if current is not None and accept(current):
                     return current
-                if not await self.store.lock_held(lock):
+                if not await self.store.lock_held(keys):
                     return None
                 poll = min(poll * 2, _POLL_MAX)
         finally:
-            waiters = self._waiters.get(key)
+            waiters = self._waiters.get(keys.token)
             if waiters is not None:
                 waiters.discard(waiter)
                 if not waiters:
-                    del self._waiters[key]
+                    del self._waiters[keys.token]

@@ -1,13 +1,25 @@
-"""Redis: key names, cached token values, the fetch lock and the event channel's name (spec §4.1-§4.4).
+"""Redis: key names, cached token values, the fetch lock and the events channel (spec §4.1-§4.4).
 
 Nothing else in the broker knows a key name or a Redis command. Every key written has a TTL.
-Redis errors are translated here into StoreUnavailable.
+Redis errors are translated here: StoreUnavailable (an outage) or StoreBusy (no free connection).
+
+Keys, all hash-tagged by credential so one credential's keys share a cluster slot:
+
+    {prefix}:{<credential>}:tok:<id>     the cached token (broker/entries.py), TTL = cached window
+    {prefix}:{<credential>}:lock:<id>    the fetch lock: "<owner>|<fence>", renewed by its holder
+    {prefix}:{<credential>}:fence:<id>   the fence counter: every lock taken gets a higher number
+    {prefix}:{<credential>}:neg:<id>     a remembered refusal (negative cache)
+    {prefix}:{<credential>}:inv:<id>     set for a while after an invalidation (throttles the next)
+    {prefix}:events                      the pub/sub channel of writes and drops
+
+`<id>` = sha256(credential shape, scope set)[:32]: the shape is a fingerprint of everything in the
+credential that shapes a token (client id, endpoint, auth method, audience, resource, extra
+params), so a changed credential or another deployment never reads these tokens (spec §4.1).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,134 +31,132 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.errors import StoreUnavailable
-from broker.redis_client import connect  # re-exported: the client for any topology
-from broker.scopes import scope_set_id
+from broker.clock import Clock, SystemClock
+from broker.entries import CachedToken, Rejection
+from broker.errors import StoreBusy, StoreUnavailable
+from broker.redis_client import (
+    PoolExhausted,
+    connect,  # re-exported: the client for any topology
+)
 
 __all__ = [
-    "EVENTS_CHANNEL",
-    "CachedToken",
-    "Rejection",
+    "DEFAULT_PREFIX",
+    "Keys",
+    "Lock",
     "Store",
+    "TokenKeys",
     "connect",
-    "fingerprint",
-    "rejection_key",
 ]
 
 log = structlog.get_logger("broker.store")
 
-PREFIX = "tb:"
-EVENTS_CHANNEL = "tb:events"
-_VERSION = "v1"
-
-
-def token_key(credential: str, scope_set: str) -> str:
-    # Hash tag {credential}: one credential's keys share a cluster slot.
-    return f"{PREFIX}{{{credential}}}:tok:{scope_set_id(scope_set)}"
-
-
-def lock_key(credential: str, scope_set: str) -> str:
-    return f"{PREFIX}{{{credential}}}:lock:{scope_set_id(scope_set)}"
-
-
-def rejection_key(credential: str, scope_set: str) -> str:
-    return f"{PREFIX}{{{credential}}}:neg:{scope_set_id(scope_set)}"
-
-
-def fingerprint(access_token: str) -> str:
-    """A short, non-reversible name for a token: safe for logs, events and audit."""
-    return hashlib.sha256(access_token.encode()).hexdigest()[:16]
+DEFAULT_PREFIX = "tb"
+_FENCE_TTL_MS = 24 * 3600 * 1000  # the counter outlives any lock; stored values carry their own fence
 
 
 @dataclass(frozen=True, slots=True)
-class CachedToken:
-    access_token: str
-    scope: str  # as granted by the authorization server
-    expires_at: float  # the token's real expiry (epoch seconds)
-    fresh_until: float  # expires_at - effective skew: handed out only before this
-    refresh_at: float  # refresh-ahead point, before fresh_until
-    fetched_at: float
-    fingerprint: str
+class TokenKeys:
+    """Every key of one (credential, scope set)."""
 
-    def __repr__(self) -> str:
-        return f"CachedToken(fp={self.fingerprint}, scope={self.scope!r}, expires_at={self.expires_at})"
+    token: str
+    lock: str
+    fence: str
+    refusal: str
+    invalidated: str
 
-    def encode(self) -> bytes:
-        # The expiry and fingerprint stay readable in front of the payload so the Lua scripts
-        # can compare without parsing JSON (and once tokens are encrypted, without the key).
-        body = json.dumps(
-            {
-                "t": self.access_token,
-                "s": self.scope,
-                "e": self.expires_at,
-                "f": self.fresh_until,
-                "r": self.refresh_at,
-                "a": self.fetched_at,
-            },
-            separators=(",", ":"),
+
+class Keys:
+    """Builds key names; the only place that knows them."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix
+        self.events = f"{prefix}:events"
+
+    def for_token(self, credential: str, shape: str, scope_set: str) -> TokenKeys:
+        ident = hashlib.sha256(f"{shape}\n{scope_set}".encode()).hexdigest()[:32]
+        base = f"{self.prefix}:{{{credential}}}:"
+        return TokenKeys(
+            token=f"{base}tok:{ident}",
+            lock=f"{base}lock:{ident}",
+            fence=f"{base}fence:{ident}",
+            refusal=f"{base}neg:{ident}",
+            invalidated=f"{base}inv:{ident}",
         )
-        return f"{_VERSION}|{int(self.expires_at * 1000)}|{self.fingerprint}|{body}".encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> CachedToken | None:
-        try:
-            version, _, fp, body = raw.decode().split("|", 3)
-            if version != _VERSION:
-                return None
-            d = json.loads(body)
-            return cls(
-                access_token=d["t"],
-                scope=d["s"],
-                expires_at=float(d["e"]),
-                fresh_until=float(d["f"]),
-                refresh_at=float(d["r"]),
-                fetched_at=float(d["a"]),
-                fingerprint=fp,
-            )
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            return None  # unreadable entries are treated as a miss and overwritten
 
 
 @dataclass(frozen=True, slots=True)
-class Rejection:
-    """A terminal refusal by the authorization server, remembered briefly (negative cache)."""
+class Lock:
+    """A fetch lock held: its Redis value and the fence that orders the holder's write."""
 
-    description: str
-    upstream_error: str | None
-    upstream_status: int
-
-    def encode(self) -> bytes:
-        return json.dumps({"d": self.description, "e": self.upstream_error, "s": self.upstream_status}).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Rejection | None:
-        try:
-            d = json.loads(raw)
-            return cls(description=str(d["d"]), upstream_error=d["e"], upstream_status=int(d["s"]))
-        except (ValueError, KeyError, TypeError):
-            return None
+    key: str
+    value: str
+    fence: int
 
 
-# Write only if nothing stored expires later; publish so every worker can update its L1.
+# A value and its key's PTTL in one round trip: readers bound their copy by the key's own TTL.
+_GET = """
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+return {v, redis.call('PTTL', KEYS[1])}
+"""
+
+# Fenced write: refused if the stored value (or tombstone) was written under a later lock.
+# Publishes so every worker can update its L1.
 _PUT = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  local exp = tonumber(string.match(cur, '^v1|(%d+)|'))
-  if exp and exp > tonumber(ARGV[1]) then return 0 end
+  local f = tonumber(string.match(cur, '^v2|(%d+)|'))
+  if f and f > tonumber(ARGV[1]) then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('PUBLISH', ARGV[4], 'set|' .. ARGV[5] .. '|' .. KEYS[1])
 return 1
 """
 
-# Drop only the token that was reported, so a report about a replaced token is a no-op.
+# Take the fetch lock (or find it already ours: a retry whose first reply was lost), with a fence
+# above every fence issued or stored for the key. Returns the fence, or 0 when another holds it.
+_ACQUIRE = """
+local held = redis.call('GET', KEYS[1])
+if held then
+  local owner, f = string.match(held, '^(.-)|(%d+)$')
+  if owner == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(f)
+  end
+  return 0
+end
+local n = redis.call('INCR', KEYS[2])
+local cur = redis.call('GET', KEYS[3])
+if cur then
+  local f = tonumber(string.match(cur, '^v2|(%d+)|'))
+  if f and f >= n then
+    n = f + 1
+    redis.call('SET', KEYS[2], n)
+  end
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. n, 'PX', ARGV[2])
+return n
+"""
+
+# Drop only the token that was reported, so a report about a replaced token is a no-op. The drop
+# leaves a tombstone with the token's fence (a late write from an older lock cannot come back)
+# for as long as the token would have been cached. A token younger than ARGV[3] ms is not dropped
+# again while an earlier drop of the key is that recent (a report loop cannot drive fetches).
+# Returns the dropped token's fence, 0 for "not the stored token", -1 for "too soon".
 _DROP_IF = """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
-if string.match(cur, '^v1|%d+|(%x+)|') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[2], 'drop|' .. ARGV[1] .. '|' .. KEYS[1])
-return 1
+local f, fp, window = string.match(cur, '^v2|(%d+)|([^|]+)|(%d+)|')
+if fp ~= ARGV[1] then return 0 end
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl < 1 then return 0 end
+local min_age = tonumber(ARGV[3])
+if tonumber(window) - pttl < min_age and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+redis.call('SET', KEYS[1], 'v2|' .. f .. '|-|0|', 'PX', pttl)
+if min_age > 0 then redis.call('SET', KEYS[2], '1', 'PX', min_age) end
+redis.call('PUBLISH', ARGV[2], 'drop|' .. fp .. '|' .. KEYS[1])
+return tonumber(f)
 """
 
 _RELEASE = """
@@ -162,14 +172,28 @@ return 0
 
 class Store:
     """Redis access. After a connection failure, calls fail fast (no I/O) for a short while so a
-    dead Redis costs callers nothing; `ping` always goes through and tells when it is back."""
+    dead Redis costs callers nothing; `ping` always goes through and tells when it is back.
 
-    def __init__(self, redis: aioredis.Redis, *, retry_after: float = 1.0) -> None:
+    A full connection pool is load, not an outage: it raises StoreBusy and changes nothing else.
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        clock: Clock | None = None,
+        retry_after: float = 1.0,
+    ) -> None:
         self.redis = redis
+        self.keys = Keys(prefix)
+        self.clock = clock or SystemClock()
         self.retry_after = retry_after
         self.reachable = True
         self._down_until = 0.0
+        self._get = redis.register_script(_GET)
         self._put = redis.register_script(_PUT)
+        self._acquire = redis.register_script(_ACQUIRE)
         self._drop_if = redis.register_script(_DROP_IF)
         self._release = redis.register_script(_RELEASE)
         self._renew = redis.register_script(_RENEW)
@@ -180,12 +204,17 @@ class Store:
         try:
             try:
                 result = await command(*args, **kw)
+            except PoolExhausted:
+                raise
             except (ConnectionError, RedisConnectionError):
                 if not self.reachable:
                     raise
                 # A pooled connection may predate a Redis restart and fail once: the pool has
-                # dropped it, so one more try runs on a fresh connection.
+                # dropped it, so one more try runs on a fresh connection. Every command here is
+                # safe to repeat (the lock script recognises its own owner).
                 result = await command(*args, **kw)
+        except PoolExhausted as exc:
+            raise StoreBusy("No Redis connection was free in time: the broker is overloaded.") from exc
         except (ConnectionError, TimeoutError, OSError, RedisConnectionError, RedisTimeoutError) as exc:
             self._mark(reachable=False)
             raise StoreUnavailable(f"Redis is unreachable ({type(exc).__name__}).") from exc
@@ -213,34 +242,52 @@ class Store:
     async def ping(self) -> bool:
         return bool(await self._call(self.redis.ping, probe=True))
 
-    async def get(self, key: str) -> CachedToken | None:
-        raw = await self._call(self.redis.get, key)
-        return CachedToken.decode(raw) if raw else None
+    # -- tokens -----------------------------------------------------------------------------------
 
-    async def put(self, key: str, entry: CachedToken, ttl_seconds: float) -> bool:
-        """Store `entry` unless a token that expires later is already there."""
-        ttl_ms = max(1, int(ttl_seconds * 1000))
-        args = [int(entry.expires_at * 1000), entry.encode(), ttl_ms, EVENTS_CHANNEL, entry.fingerprint]
-        return bool(await self._call(self._put, keys=[key], args=args))
+    async def get(self, keys: TokenKeys) -> CachedToken | None:
+        read_at = self.clock.monotonic()
+        found = await self._call(self._get, keys=[keys.token])
+        if not found:
+            return None
+        raw, pttl = found
+        return CachedToken.decode(raw, int(pttl), read_at)
 
-    async def drop_if(self, key: str, fp: str) -> bool:
-        return bool(await self._call(self._drop_if, keys=[key], args=[fp, EVENTS_CHANNEL]))
+    async def put(self, keys: TokenKeys, entry: CachedToken) -> bool:
+        """Store `entry` (TTL: what is left of its cached window) unless the stored value was
+        written under a later fence. False: refused, or nothing left to store."""
+        ttl_ms = int((entry.fresh_until - self.clock.monotonic()) * 1000)
+        if ttl_ms < 1:
+            return False
+        args = [entry.fence, entry.encode(), ttl_ms, self.keys.events, entry.fingerprint]
+        return bool(await self._call(self._put, keys=[keys.token], args=args))
 
-    async def acquire_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
-        return bool(await self._call(self.redis.set, key, owner, nx=True, px=int(ttl_seconds * 1000)))
+    async def drop_if(self, keys: TokenKeys, fp: str, min_interval: float) -> int:
+        """Drop the stored token if its fingerprint is `fp` → its fence; 0 if another token (or
+        none) is stored; -1 if it is too young to drop again so soon after the last drop."""
+        args = [fp, self.keys.events, int(min_interval * 1000)]
+        return int(await self._call(self._drop_if, keys=[keys.token, keys.invalidated], args=args))
 
-    async def renew_lock(self, key: str, owner: str, ttl_seconds: float) -> bool:
-        return bool(await self._call(self._renew, keys=[key], args=[owner, int(ttl_seconds * 1000)]))
+    # -- the fetch lock ---------------------------------------------------------------------------
 
-    async def release_lock(self, key: str, owner: str) -> None:
-        await self._call(self._release, keys=[key], args=[owner])
+    async def acquire_lock(self, keys: TokenKeys, owner: str, ttl_seconds: float) -> Lock | None:
+        args = [owner, int(ttl_seconds * 1000), _FENCE_TTL_MS]
+        fence = int(await self._call(self._acquire, keys=[keys.lock, keys.fence, keys.token], args=args))
+        return Lock(keys.lock, f"{owner}|{fence}", fence) if fence > 0 else None
 
-    async def lock_held(self, key: str) -> bool:
-        return bool(await self._call(self.redis.exists, key))
+    async def renew_lock(self, lock: Lock, ttl_seconds: float) -> bool:
+        return bool(await self._call(self._renew, keys=[lock.key], args=[lock.value, int(ttl_seconds * 1000)]))
 
-    async def put_rejection(self, key: str, rejection: Rejection, ttl_seconds: float) -> None:
-        await self._call(self.redis.set, key, rejection.encode(), px=max(1, int(ttl_seconds * 1000)))
+    async def release_lock(self, lock: Lock) -> None:
+        await self._call(self._release, keys=[lock.key], args=[lock.value])
 
-    async def get_rejection(self, key: str) -> Rejection | None:
-        raw = await self._call(self.redis.get, key)
+    async def lock_held(self, keys: TokenKeys) -> bool:
+        return bool(await self._call(self.redis.exists, keys.lock))
+
+    # -- refusals ---------------------------------------------------------------------------------
+
+    async def put_rejection(self, keys: TokenKeys, rejection: Rejection, ttl_seconds: float) -> None:
+        await self._call(self.redis.set, keys.refusal, rejection.encode(), px=max(1, int(ttl_seconds * 1000)))
+
+    async def get_rejection(self, keys: TokenKeys) -> Rejection | None:
+        raw = await self._call(self.redis.get, keys.refusal)
         return Rejection.decode(raw) if raw else None

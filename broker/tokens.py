@@ -1,7 +1,11 @@
 """The token service: L1 → L2 → single-flight fetch, refresh-ahead, invalidation (spec §4).
 
-get ─▶ L1 (this worker, only while subscribed to events) ─▶ L2 (Redis) ─▶ LocalFlight
-      ─▶ DistributedFlight (lock, double-check) ─▶ upstream ─▶ L2 write (newer wins) ─▶ event
+get ─▶ L1 (this worker, only while subscribed to events) ─▶ L2 (Redis, bounded by its PTTL)
+      ─▶ LocalFlight ─▶ refusal remembered? ─▶ DistributedFlight (lock + fence, double-check)
+      ─▶ upstream ─▶ L2 write (fenced) ─▶ event
+
+One deadline per request, taken when it arrives, bounds every step; a token that is still valid
+beats any error, the deadline's included. Freshness is judged on this process's monotonic clock.
 """
 
 from __future__ import annotations
@@ -9,30 +13,42 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from typing import Literal
+from collections.abc import Awaitable, Callable
+from typing import Literal, TypeVar
 
 import structlog
 
 from broker.clock import Clock, SystemClock
-from broker.errors import StoreUnavailable, UpstreamError, UpstreamRejected, UpstreamUnavailable
+from broker.entries import CachedToken, fingerprint
+from broker.errors import (
+    BrokerError,
+    StoreBusy,
+    StoreUnavailable,
+    UpstreamError,
+    UpstreamInvalidResponse,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
 from broker.events import Event
+from broker.l1 import L1Cache
 from broker.metrics import Stats
 from broker.refusals import RecentRefusals
 from broker.settings import CacheSettings, CredentialSettings
 from broker.singleflight import DistributedFlight, LocalFlight
-from broker.store import CachedToken, Store, fingerprint, lock_key, token_key
+from broker.store import Store, TokenKeys
 from broker.upstream import FetchedToken, UpstreamClient
 
-__all__ = ["Source", "TokenService", "cache_window", "effective_skew", "is_fresh"]
+__all__ = ["Invalidation", "Source", "TokenService", "cache_window", "effective_skew", "is_fresh", "satisfies"]
 
 log = structlog.get_logger("broker.tokens")
 
 Source = Literal["l1", "l2", "fetched", "coalesced"]
+Invalidation = Literal["dropped", "not_current", "throttled"]
+T = TypeVar("T")
 
 MIN_CACHEABLE_LIFETIME = 2.0
 RECENT_FETCH = 1.0  # a token this young satisfies any min_ttl (spec §3.1)
+MIN_TTL_SHARE = 0.5  # min_ttl asks for at most this share of a token's lifetime: ≤ 2 fetches per lifetime
 _REFRESH_RETRY_FIRST = 1.0
 _REFRESH_RETRY_MAX = 30.0
 
@@ -51,44 +67,39 @@ def is_fresh(entry: CachedToken, now: float) -> bool:
     return now < entry.fresh_until
 
 
+def satisfies(entry: CachedToken, now: float, min_ttl: float) -> bool:
+    """Fresh, with `min_ttl` left (at most half its lifetime's worth), or fetched a moment ago.
+
+    The cap keeps any caller from making the broker fetch more than twice per token lifetime:
+    a `min_ttl` near or beyond the lifetime would otherwise refetch every second (README).
+    """
+    if not is_fresh(entry, now):
+        return False
+    wanted = min(min_ttl, entry.lifetime * MIN_TTL_SHARE)
+    return entry.expires - now >= wanted or now - entry.fetched_at < RECENT_FETCH
+
+
 def _cacheable(entry: CachedToken, now: float) -> bool:
     """Too short-lived tokens go to the caller that fetched them, and nobody else (spec §4.2)."""
-    return entry.expires_at - entry.fetched_at >= MIN_CACHEABLE_LIFETIME and entry.fresh_until > now
+    return entry.lifetime >= MIN_CACHEABLE_LIFETIME and entry.fresh_until > now
 
 
-class L1Cache:
-    """A bounded LRU dict of this worker's copies of L2 entries."""
+def _loop_time(deadline: float) -> float:
+    """asyncio.timeout_at takes loop time; convert from time.monotonic()."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
 
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self._entries: OrderedDict[str, CachedToken] = OrderedDict()
 
-    def get(self, key: str) -> CachedToken | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: str, entry: CachedToken) -> None:
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-    def drop(self, key: str) -> None:
-        self._entries.pop(key, None)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
+async def _within(deadline: float, awaitable: Awaitable[T]) -> T:
+    try:
+        async with asyncio.timeout_at(_loop_time(deadline)):
+            return await awaitable
+    except TimeoutError:
+        raise UpstreamUnavailable("No token could be obtained within the request deadline.", retry_after=1.0) from None
 
 
 class TokenService:
     def __init__(
         self,
-        credentials: Mapping[str, CredentialSettings],
         cache: CacheSettings,
         store: Store,
         upstream: UpstreamClient,
@@ -97,7 +108,6 @@ class TokenService:
         clock: Clock | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self.credentials = credentials
         self.cache = cache
         self.store = store
         self.upstream = upstream
@@ -109,15 +119,25 @@ class TokenService:
         self.flights: LocalFlight[tuple[CachedToken, Source]] = LocalFlight()
         self.distributed = DistributedFlight(store, cache.lock_ttl_seconds)
         self.stats = Stats()
-        self._refresh_not_before: dict[str, float] = {}
-        self._refreshing: set[str] = set()  # keys whose running flight is a background refresh
-        self._refresh_delay: dict[str, float] = {}
         self.refusals = RecentRefusals(store, cache.negative_ttl_seconds, cache.l1_max_entries)
+        self._keys: dict[tuple[str, str, str], TokenKeys] = {}
+        self._refreshing: set[str] = set()  # keys whose running flight is a background refresh
+        self._backoff: dict[str, tuple[float, float]] = {}  # key → (no refresh before, last delay)
+
+    def keys_for(self, credential: CredentialSettings, scope_set: str) -> TokenKeys:
+        memo = (credential.name, credential.shape, scope_set)
+        keys = self._keys.get(memo)
+        if keys is None:
+            if len(self._keys) >= self.cache.l1_max_entries:
+                self._keys.clear()
+            keys = self._keys[memo] = self.store.keys.for_token(credential.name, credential.shape, scope_set)
+        return keys
 
     # -- events -------------------------------------------------------------------------------
 
     def on_event(self, event: Event) -> None:
-        cached = self.l1.get(event.key)
+        self.l1.changed(event.key, event.op, event.fingerprint)
+        cached = self.l1.peek(event.key)
         # "set": another token replaced ours; "drop": ours was invalidated
         if cached is not None and (cached.fingerprint == event.fingerprint) == (event.op == "drop"):
             self.l1.drop(event.key)
@@ -138,19 +158,19 @@ class TokenService:
 
     # -- the hot path ---------------------------------------------------------------------------
 
-    def get_l1(self, credential: str, scope_set: str, min_ttl: float) -> CachedToken | None:
+    def get_l1(self, credential: CredentialSettings, scope_set: str, min_ttl: float) -> CachedToken | None:
         """A hit from this worker's memory with no I/O at all, or None."""
         if not self._l1_usable():
             return None
-        key = token_key(credential, scope_set)
-        entry = self.l1.get(key)
+        keys = self.keys_for(credential, scope_set)
+        entry = self.l1.get(keys.token)
         if entry is None:
             return None
-        now = self.clock.now()
-        if not self._satisfies(entry, now, min_ttl):
+        now = self.clock.monotonic()
+        if not satisfies(entry, now, min_ttl):
             return None
         if now >= entry.refresh_at:
-            self._refresh_ahead(credential, scope_set, key, entry)
+            self._refresh_ahead(credential, scope_set, keys, entry)
         return entry
 
     async def get(
@@ -158,77 +178,73 @@ class TokenService:
     ) -> tuple[CachedToken, Source]:
         """A token with time left for (credential, scope set), within the request deadline.
 
-        Raises UpstreamError subclasses when no valid token can be had.
+        Raises UpstreamError subclasses (or StoreBusy) when no valid token can be had.
         """
-        entry = self.get_l1(credential.name, scope_set, min_ttl)
+        entry = self.get_l1(credential, scope_set, min_ttl)
         if entry is not None:
             return entry, "l1"
-        try:
-            async with asyncio.timeout(self.request_deadline):
-                return await self._get_slow(credential, scope_set, min_ttl)
-        except TimeoutError:
-            raise UpstreamUnavailable(
-                "No token could be obtained within the request deadline.", retry_after=1.0
-            ) from None
+        deadline = time.monotonic() + self.request_deadline
+        return await self._get_slow(credential, scope_set, self.keys_for(credential, scope_set), min_ttl, deadline)
 
     async def _get_slow(
-        self, credential: CredentialSettings, scope_set: str, min_ttl: float
+        self, credential: CredentialSettings, scope_set: str, keys: TokenKeys, min_ttl: float, deadline: float
     ) -> tuple[CachedToken, Source]:
-        key = token_key(credential.name, scope_set)
+        key = keys.token
         # A miss joins a fetch already under way in this process before touching Redis
         # (not a background refresh: its failure must stay invisible to callers).
-        joined_error: UpstreamError | None = None
+        joined_error: BrokerError | None = None
         if key not in self._refreshing and self.flights.running(key):
             self.stats.waiters += 1
             try:
-                joined = await self.flights.join(key)
-            except UpstreamError as exc:
+                joined = await _within(deadline, self.flights.join(key))
+            except (UpstreamError, StoreBusy) as exc:
                 joined_error = exc  # a still-valid token may yet beat this error (below)
             else:
-                if joined is not None:
+                if joined is not None and is_fresh(joined[0], self.clock.monotonic()):
                     return joined[0], "coalesced"
             finally:
                 self.stats.waiters -= 1
-        now = self.clock.now()
+        since = self.l1.mark()
         try:
-            entry = await self.store.get(key)
+            entry = await _within(deadline, self.store.get(keys))
         except StoreUnavailable:
             entry = self.l1.get(key)
+        except StoreBusy as exc:
+            entry = self.l1.get(key) if self._l1_usable() else None
+            joined_error = joined_error or exc  # no fetch without the lock: load is not an outage
+        except UpstreamUnavailable as exc:  # the deadline ran out
+            entry, joined_error = self.l1.get(key) if self._l1_usable() else None, exc
+        now = self.clock.monotonic()
         fallback = entry if entry is not None and is_fresh(entry, now) else None
-        if entry is not None and self._satisfies(entry, now, min_ttl):
+        if entry is not None and satisfies(entry, now, min_ttl):
             if self._l1_usable():
-                self.l1.put(key, entry)
+                self.l1.put(key, entry, since)
             if now >= entry.refresh_at:
-                self._refresh_ahead(credential.name, scope_set, key, entry, credential)
+                self._refresh_ahead(credential, scope_set, keys, entry)
             return entry, "l2"
         if joined_error is not None:
             if fallback is not None:
                 return fallback, "l2"
             raise joined_error
-        self.refusals.raise_if_known_here(credential.name, scope_set)
 
         def accept(candidate: CachedToken) -> bool:
-            return self._satisfies(candidate, self.clock.now(), min_ttl)
+            return satisfies(candidate, self.clock.monotonic(), min_ttl)
 
-        deadline = time.monotonic() + self.request_deadline
         self.stats.waiters += 1
         try:
-            (entry, source), led = await self.flights.run(
-                key, lambda: self._fetch(credential, scope_set, key, accept, deadline)
+            (entry, source), led = await _within(
+                deadline, self.flights.run(key, lambda: self._fetch(credential, scope_set, keys, accept, deadline))
             )
-        except UpstreamError:
+            if not is_fresh(entry, self.clock.monotonic()):
+                raise UpstreamInvalidResponse("The token had too little life left by the time it arrived.")
+        except (UpstreamError, StoreBusy):
             # A token that is still valid beats an error, even if it has less than min_ttl left.
-            if fallback is not None and is_fresh(fallback, self.clock.now()):
+            if fallback is not None and is_fresh(fallback, self.clock.monotonic()):
                 return fallback, "l2"
             raise
         finally:
             self.stats.waiters -= 1
         return entry, (source if led else "coalesced")
-
-    def _satisfies(self, entry: CachedToken, now: float, min_ttl: float) -> bool:
-        if not is_fresh(entry, now):
-            return False
-        return entry.expires_at - now >= min_ttl or now - entry.fetched_at < RECENT_FETCH
 
     # -- fetching -----------------------------------------------------------------------------
 
@@ -236,94 +252,90 @@ class TokenService:
         self,
         credential: CredentialSettings,
         scope_set: str,
-        key: str,
+        keys: TokenKeys,
         accept: Callable[[CachedToken], bool],
         deadline: float,
     ) -> tuple[CachedToken, Source]:
-        async def fetch_and_store() -> CachedToken:
-            entry = await self._fetch_upstream(credential, scope_set, deadline)
-            return await self._store(key, entry)
+        since = self.l1.mark()
+        await self.refusals.check(keys)  # the one place a remembered refusal answers
+
+        async def fetch_and_share(fence: int) -> CachedToken:
+            return await self._share(keys, await self._fetch_upstream(credential, scope_set, keys, deadline, fence))
 
         try:
-            entry, fetched_here = await self.distributed.run(
-                key, lock_key(credential.name, scope_set), accept, fetch_and_store, deadline
-            )
+            entry, fetched_here = await self.distributed.run(keys, accept, fetch_and_share, deadline)
         except StoreUnavailable:
             # Redis is down: availability wins, fetch with in-process single-flight only.
-            entry, fetched_here = await self._fetch_upstream(credential, scope_set, deadline), True
-        if _cacheable(entry, self.clock.now()) and self._l1_usable():
-            self.l1.put(key, entry)
-        self._refresh_delay.pop(key, None)
+            entry, fetched_here = await self._fetch_upstream(credential, scope_set, keys, deadline, 0), True
+        if _cacheable(entry, self.clock.monotonic()) and self._l1_usable():
+            self.l1.put(keys.token, entry, since)
         return entry, ("fetched" if fetched_here else "l2")
 
-    async def _fetch_upstream(self, credential: CredentialSettings, scope_set: str, deadline: float) -> CachedToken:
-        """One upstream request, unless the authorization server refused this one a moment ago."""
-        await self.refusals.raise_if_known(credential.name, scope_set)
+    async def _fetch_upstream(
+        self, credential: CredentialSettings, scope_set: str, keys: TokenKeys, deadline: float, fence: int
+    ) -> CachedToken:
         try:
             fetched = await self.upstream.fetch(credential, scope_set, deadline)
         except UpstreamRejected as exc:
-            await self.refusals.remember(credential.name, scope_set, exc)
+            await self.refusals.remember(keys, exc)
             raise
-        return self._entry_from(fetched)
+        return self._entry_from(fetched, fence)
 
-    def _entry_from(self, fetched: FetchedToken) -> CachedToken:
+    def _entry_from(self, fetched: FetchedToken, fence: int) -> CachedToken:
+        now, wall = self.clock.monotonic(), self.clock.now()
+        issued = now - (wall - fetched.issued_at)  # when the request was sent, on our monotonic clock
         window = cache_window(fetched.lifetime, self.cache.skew_seconds)
         low, high = self.cache.refresh_at
         return CachedToken(
             access_token=fetched.access_token,
             scope=fetched.scope,
             expires_at=fetched.expires_at,
-            fresh_until=fetched.issued_at + window,
-            refresh_at=fetched.issued_at + self.rng.uniform(low, high) * window,
-            fetched_at=self.clock.now(),
+            expires=issued + fetched.lifetime,
+            fresh_until=issued + window,
+            refresh_at=issued + self.rng.uniform(low, high) * window,
+            fetched_at=now,
             fingerprint=fingerprint(fetched.access_token),
+            fence=fence,
         )
 
-    async def _store(self, key: str, entry: CachedToken) -> CachedToken:
+    async def _share(self, keys: TokenKeys, entry: CachedToken) -> CachedToken:
         """Share the token through Redis → the token to use from now on.
 
-        If Redis already holds a token that expires later (our lock expired while we fetched and
-        someone else was faster), that one wins here too. If Redis fails now, ours is still good.
+        If Redis holds one written under a later lock (ours expired while we fetched and someone
+        else was faster), that one wins here too. If Redis fails now, ours is still good.
         """
-        now = self.clock.now()
-        if not _cacheable(entry, now):
+        if not _cacheable(entry, self.clock.monotonic()):
             return entry
         try:
-            if await self.store.put(key, entry, entry.fresh_until - now):
+            if await self.store.put(keys, entry):
                 return entry
-            newer = await self.store.get(key)
-        except StoreUnavailable:
+            newer = await self.store.get(keys)
+        except (StoreUnavailable, StoreBusy):
             return entry
-        return newer if newer is not None and is_fresh(newer, self.clock.now()) else entry
+        return newer if newer is not None and is_fresh(newer, self.clock.monotonic()) else entry
 
     # -- refresh-ahead ----------------------------------------------------------------------------
 
     def _refresh_ahead(
-        self,
-        credential_name: str,
-        scope_set: str,
-        key: str,
-        current: CachedToken,
-        credential: CredentialSettings | None = None,
+        self, credential: CredentialSettings, scope_set: str, keys: TokenKeys, current: CachedToken
     ) -> None:
+        key = keys.token
         if self.flights.running(key):
             return
         now = time.monotonic()
-        if now < self._refresh_not_before.get(key, 0.0):
-            return
-        credential = credential or self.credentials.get(credential_name)
-        if credential is None:
+        backoff = self._backoff.get(key)
+        if backoff is not None and now < backoff[0]:
             return
 
         def accept(candidate: CachedToken) -> bool:
-            # Someone else already refreshed: their token is newer than the one we saw.
-            return candidate.fingerprint != current.fingerprint and is_fresh(candidate, self.clock.now())
+            # Someone else already refreshed: theirs was written under a later lock than ours.
+            return candidate.fence > current.fence and is_fresh(candidate, self.clock.monotonic())
 
         deadline = now + self.request_deadline
-        task = self.flights.start(key, lambda: self._fetch(credential, scope_set, key, accept, deadline))
+        task = self.flights.start(key, lambda: self._fetch(credential, scope_set, keys, accept, deadline))
         if task is not None:
             self._refreshing.add(key)
-            task.add_done_callback(lambda t: self._refresh_done(key, credential_name, t))
+            task.add_done_callback(lambda t: self._refresh_done(key, credential.name, t))
 
     def _refresh_done(self, key: str, credential_name: str, task: asyncio.Task[tuple[CachedToken, Source]]) -> None:
         self._refreshing.discard(key)
@@ -331,39 +343,43 @@ class TokenService:
             return
         exc = task.exception()
         if exc is None:
-            self._refresh_not_before.pop(key, None)
-            return
-        delay = min(self._refresh_delay.get(key, _REFRESH_RETRY_FIRST / 2) * 2, _REFRESH_RETRY_MAX)
-        self._refresh_delay[key] = delay
-        self._refresh_not_before[key] = time.monotonic() + delay
-        reason = exc.description if isinstance(exc, UpstreamError) else type(exc).__name__
+            entry, _ = task.result()
+            now = self.clock.monotonic()
+            if _cacheable(entry, now) and entry.refresh_at > now:
+                self._backoff.pop(key, None)
+                return
+            # Nothing newer to serve (too short-lived to cache, or still past its refresh point):
+            # not a success, or every hit would start another fetch.
+            reason = "the refreshed token cannot replace the cached one"
+        else:
+            reason = exc.description if isinstance(exc, BrokerError) else type(exc).__name__
+        previous = self._backoff.pop(key, None)
+        delay = min((previous[1] if previous else _REFRESH_RETRY_FIRST / 2) * 2, _REFRESH_RETRY_MAX)
+        while len(self._backoff) >= self.cache.l1_max_entries:
+            del self._backoff[next(iter(self._backoff))]
+        self._backoff[key] = (time.monotonic() + delay, delay)
         log.warning("tokens.refresh_failed", credential=credential_name, retry_in=delay, reason=reason)
 
     # -- invalidation -----------------------------------------------------------------------------
 
-    async def invalidate(self, credential: CredentialSettings, scope_set: str, access_token: str) -> bool:
+    async def invalidate(self, credential: CredentialSettings, scope_set: str, access_token: str) -> Invalidation:
         """Drop the cached token only if it is the one reported; then refresh it in the background."""
-        key = token_key(credential.name, scope_set)
+        keys = self.keys_for(credential, scope_set)
         fp = fingerprint(access_token)
-        cached = self.l1.get(key)
+        cached = self.l1.peek(keys.token)
         if cached is not None and cached.fingerprint == fp:
-            self.l1.drop(key)
+            self.l1.drop(keys.token)
         try:
-            dropped = await self.store.drop_if(key, fp)
-        except StoreUnavailable:
+            fence = await self.store.drop_if(keys, fp, self.cache.invalidate_min_interval_seconds)
+        except (StoreUnavailable, StoreBusy):
             # The local copy is gone already; the shared one expires on its own or is replaced by
             # the next report once Redis answers. The caller's answer is the same either way.
-            return False
-        if dropped:
-            dropped_entry = CachedToken(
-                access_token="",
-                scope="",
-                expires_at=0.0,
-                fresh_until=0.0,
-                refresh_at=0.0,
-                fetched_at=0.0,
-                fingerprint=fp,
-            )
-            self._refresh_not_before.pop(key, None)
-            self._refresh_ahead(credential.name, scope_set, key, dropped_entry, credential)
-        return dropped
+            return "not_current"
+        if fence < 0:
+            return "throttled"
+        if fence == 0:
+            return "not_current"
+        gone = CachedToken("", "", 0.0, 0.0, 0.0, 0.0, 0.0, fp, fence=fence)
+        self._backoff.pop(keys.token, None)
+        self._refresh_ahead(credential, scope_set, keys, gone)
+        return "dropped"

@@ -15,8 +15,12 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
+import redis
 
 from broker.embedded_redis import terminate
+from broker.entries import CachedToken
+from broker.settings import Settings, load_settings
+from broker.store import Keys, TokenKeys
 from tests.authserver import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -37,10 +41,28 @@ __all__ = [
     "descendants",
     "free_port",
     "kill_tree",
+    "stored_token",
+    "token_keys",
     "wait_http",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def token_keys(config: Path | Settings, credential: str, scope_set: str) -> TokenKeys:
+    """The Redis keys a broker with this config uses for (credential, scope set)."""
+    settings = config if isinstance(config, Settings) else load_settings(config)
+    shape = settings.credentials[credential].shape
+    return Keys(settings.redis.key_prefix).for_token(credential, shape, scope_set)
+
+
+def stored_token(redis_url: str, keys: TokenKeys) -> CachedToken | None:
+    """The token stored under `keys`, read as a broker would (value and PTTL), or None."""
+    with redis.Redis.from_url(redis_url) as client:
+        read_at = time.monotonic()
+        with client.pipeline(transaction=True) as pipe:
+            raw, pttl = pipe.get(keys.token).pttl(keys.token).execute()
+    return CachedToken.decode(raw, int(pttl), read_at) if raw else None
 
 
 def free_port() -> int:

@@ -26,7 +26,7 @@ from broker.clock import Clock, SystemClock
 from broker.errors import BrokerError, StoreUnavailable
 from broker.events import EventSubscriber
 from broker.settings import Settings
-from broker.store import EVENTS_CHANNEL, Store
+from broker.store import Store
 from broker.tasks import cancel
 from broker.tokens import TokenService
 from broker.upstream import UpstreamClient, new_http_client
@@ -43,6 +43,7 @@ _OUTCOMES = {
     "upstream_rejected": "rejected",
     "upstream_unavailable": "unavailable",
     "upstream_invalid_response": "invalid_response",
+    "temporarily_unavailable": "overloaded",
 }
 
 
@@ -104,20 +105,19 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             tls_cert_file=settings.redis.tls_cert_file,
             tls_key_file=settings.redis.tls_key_file,
         )
-        store = Store(redis)
+        store = Store(redis, prefix=settings.redis.key_prefix, clock=clock)
         http = new_http_client(settings.upstream)
         upstream = UpstreamClient(
             http, settings.upstream, default_expires_in=settings.cache.default_expires_in, clock=clock
         )
         tokens = TokenService(
-            settings.credentials,
             settings.cache,
             store,
             upstream,
             request_deadline=settings.server.request_deadline_seconds,
             clock=clock,
         )
-        subscriber = EventSubscriber(redis, EVENTS_CHANNEL, tokens.on_event, tokens.on_subscription)
+        subscriber = EventSubscriber(redis, store.keys.events, tokens.on_event, tokens.on_subscription)
         health = Health()
         audit = AuditTrail()
         audit.start()

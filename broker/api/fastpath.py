@@ -31,8 +31,8 @@ from broker import scopes
 from broker.api.routes import MAX_QUERY_BYTES
 from broker.api.routes import parse_min_ttl as min_ttl_seconds  # the route's own check, not a copy
 from broker.api.state import Broker
+from broker.entries import CachedToken
 from broker.errors import BrokerError, InvalidRequest
-from broker.store import CachedToken
 
 __all__ = ["FastPath", "token_response_parts"]
 
@@ -133,20 +133,22 @@ class FastPath:
         query = self._query(scope["query_string"])
         if query is None:
             return None
+        credential = broker.settings.credentials.get(name)
+        if credential is None:
+            return None
         scope_set = query.scope_set
         if query.requested:
             if not granted.issuperset(query.requested):
                 return None
         else:
-            credential = broker.settings.credentials.get(name)
-            if credential is None or not granted.issuperset(credential.default_scopes):
-                return None
+            if not credential.default_scopes or not granted.issuperset(credential.default_scopes):
+                return None  # no default scopes: the route answers 400 (spec §4.8)
             scope_set = scopes.canonical(credential.default_scopes)
-        entry = broker.tokens.get_l1(name, scope_set, query.min_ttl)
+        entry = broker.tokens.get_l1(credential, scope_set, query.min_ttl)
         if entry is None:
             return None
         encoded = self._encode(entry)
-        ttl = entry.expires_at - broker.clock.now()
+        ttl = entry.expires - broker.clock.monotonic()
         expires_in = b"%d" % max(0, int(ttl))
         body = encoded.head + expires_in + encoded.tail
         headers = encoded.headers.get(len(body))

@@ -23,6 +23,11 @@ __all__ = ["get_token", "healthz", "invalidate_token", "metrics", "openapi", "pa
 MAX_MIN_TTL = 366 * 24 * 3600
 MAX_QUERY_BYTES = 4096
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_INVALIDATION_OUTCOMES = {
+    "dropped": "invalidated",
+    "not_current": "invalidate_noop",
+    "throttled": "invalidate_throttled",
+}
 _OPENAPI = Path(__file__).resolve().parents[2] / "openapi.yaml"
 
 
@@ -41,10 +46,18 @@ def _granted(request: Request) -> tuple[CredentialSettings, frozenset[str]]:
 
 
 def _scope_set(credential: CredentialSettings, granted: frozenset[str], raw_scope: str | None) -> str:
-    """Syntax of the scope parameter (400), then scopes within the grant (403) → canonical scope set."""
+    """Syntax of the scope parameter (400), then scopes within the grant (403) → canonical scope set.
+
+    No scope named means the credential's default scopes; without those, the request is refused
+    (spec §4.8): an upstream request without scope lets the authorization server choose.
+    """
     requested = scopes.parse(raw_scope) if raw_scope is not None else ()
     if not requested:
         requested = credential.default_scopes
+        if not requested:
+            raise InvalidRequest(
+                f"Credential {credential.name} has no default scopes: name the scopes you need with scope=…."
+            )
     CallerRegistry.check_scopes(granted, requested)
     return scopes.canonical(requested)
 
@@ -74,7 +87,7 @@ async def get_token(request: Request) -> Response:
     scope_set = _scope_set(credential, granted, raw_scope)
     entry, source = await broker.tokens.get(credential, scope_set, min_ttl)
     request.state.outcome = source
-    ttl = entry.expires_at - broker.clock.now()
+    ttl = entry.expires - broker.clock.monotonic()
     broker.tokens.stats.handout(credential.name, source, ttl)
     caller: CallerSettings = request.state.caller
     broker.audit.record(caller.name, credential.name, scope_set, entry.fingerprint, source)
@@ -99,8 +112,8 @@ async def invalidate_token(request: Request) -> Response:
     if raw_scope is not None and not isinstance(raw_scope, str):
         raise InvalidRequest("scope must be a space-separated string.")
     scope_set = _scope_set(credential, granted, raw_scope)
-    dropped = await broker.tokens.invalidate(credential, scope_set, token)
-    request.state.outcome = "invalidated" if dropped else "invalidate_noop"
+    result = await broker.tokens.invalidate(credential, scope_set, token)
+    request.state.outcome = _INVALIDATION_OUTCOMES[result]
     return Response(status_code=204, headers=_NO_STORE)
 
 

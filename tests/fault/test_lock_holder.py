@@ -18,11 +18,12 @@ import httpx
 import pytest
 import redis
 
+from broker.entries import CachedToken, fingerprint
 from broker.redis_client import connect
-from broker.store import CachedToken, Store, fingerprint, lock_key, token_key
+from broker.store import Store, TokenKeys
 from tests.conftest import READ, StartBrokers
 from tests.fault.conftest import get_token, keys, until
-from tests.support import AuthServerProcess, BrokerProcess, kill_tree
+from tests.support import AuthServerProcess, BrokerProcess, kill_tree, stored_token, token_keys
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +32,8 @@ ENV = {"BROKER_CACHE_LOCK_TTL_SECONDS": str(LOCK_TTL)}
 LOCKS = "tb:{payments}:lock:*"
 
 
-def stored_token(redis_url: str, scope: str = READ) -> CachedToken | None:
-    with redis.Redis.from_url(redis_url) as client:
-        raw = client.get(token_key("payments", scope))
-    return CachedToken.decode(raw) if raw else None
-
-
 async def hold_the_lock(
-    client: httpx.AsyncClient, authserver: AuthServerProcess, redis_url: str, delay: float
+    client: httpx.AsyncClient, authserver: AuthServerProcess, redis_url: str, delay: float, keys_of: TokenKeys
 ) -> asyncio.Task[httpx.Response]:
     """A request whose fetch holds the lock while the authorization server takes `delay` seconds
     to answer it; everything asked after it is answered at once."""
@@ -46,19 +41,21 @@ async def hold_the_lock(
     holder = asyncio.create_task(get_token(client))
     await until(lambda: authserver.token_requests() == 1, 5, "the holder's upstream request")
     authserver.configure(delay=0)  # read per request: the one in flight keeps its delay
-    assert keys(redis_url, LOCKS) == [lock_key("payments", READ)]
+    assert keys(redis_url, LOCKS) == [keys_of.lock]
     return holder
 
 
 async def test_a_killed_lock_holder_holds_others_up_only_until_its_lock_expires(
     write_config: Callable[..., Path], redis_url: str, authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
-    a, b = start_brokers(write_config(), count=2, workers=1, env=ENV)
+    config = write_config()
+    read_keys = token_keys(config, "payments", READ)
+    a, b = start_brokers(config, count=2, workers=1, env=ENV)
     async with (
         httpx.AsyncClient(base_url=a.url, timeout=15, trust_env=False) as to_a,
         httpx.AsyncClient(base_url=b.url, timeout=15, trust_env=False) as to_b,
     ):
-        holder = await hold_the_lock(to_a, authserver, redis_url, delay=4)
+        holder = await hold_the_lock(to_a, authserver, redis_url, delay=4, keys_of=read_keys)
         kill_tree(a, signal.SIGKILL)
         killed = time.monotonic()
         with pytest.raises(httpx.TransportError):
@@ -79,16 +76,21 @@ async def test_a_killed_lock_holder_holds_others_up_only_until_its_lock_expires(
     assert authserver.token_requests() == 2  # the dead holder's, then one for all of B's callers
     assert keys(redis_url, LOCKS) == []  # nothing locked forever
     with redis.Redis.from_url(redis_url) as client:
-        assert 0 < client.pttl(token_key("payments", READ)) <= 3600 * 1000
+        assert 0 < client.pttl(read_keys.token) <= 3600 * 1000
 
 
 async def stall_holder_past_its_lock(
-    to_a: httpx.AsyncClient, to_b: httpx.AsyncClient, a: BrokerProcess, authserver: AuthServerProcess, redis_url: str
+    to_a: httpx.AsyncClient,
+    to_b: httpx.AsyncClient,
+    a: BrokerProcess,
+    authserver: AuthServerProcess,
+    redis_url: str,
+    keys_of: TokenKeys,
 ) -> tuple[str, str]:
     """A takes the lock and is stopped (SIGSTOP) while its upstream request is out; its lock
     expires, B fetches a token, then A continues and finishes its fetch. → (token A's caller got,
     B's token)."""
-    holder = await hold_the_lock(to_a, authserver, redis_url, delay=2)
+    holder = await hold_the_lock(to_a, authserver, redis_url, delay=2, keys_of=keys_of)
     kill_tree(a, signal.SIGSTOP)  # A stops renewing its lock; its upstream answer will wait
     try:
         newer = await get_token(to_b)  # B takes over once A's lock has expired
@@ -97,7 +99,7 @@ async def stall_holder_past_its_lock(
         kill_tree(a, signal.SIGCONT)
     late = await holder
     assert late.status_code == 200, late.text
-    # A fetched a second token, but its write was refused (B's expires later): A's caller gets
+    # A fetched a second token, but its write was refused (B's lock came later): A's caller gets
     # the token Redis holds, the same one everybody else gets.
     assert authserver.token_requests() == 2
     assert late.json()["access_token"] == newer.json()["access_token"]
@@ -107,13 +109,15 @@ async def stall_holder_past_its_lock(
 async def test_a_stalled_holder_finishing_late_does_not_replace_the_newer_token(
     write_config: Callable[..., Path], redis_url: str, authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
-    a, b = start_brokers(write_config(), count=2, workers=1, env=ENV)
+    config = write_config()
+    read_keys = token_keys(config, "payments", READ)
+    a, b = start_brokers(config, count=2, workers=1, env=ENV)
     async with (
         httpx.AsyncClient(base_url=a.url, timeout=15, trust_env=False) as to_a,
         httpx.AsyncClient(base_url=b.url, timeout=15, trust_env=False) as to_b,
     ):
-        _, newer = await stall_holder_past_its_lock(to_a, to_b, a, authserver, redis_url)
-        stored = stored_token(redis_url)
+        _, newer = await stall_holder_past_its_lock(to_a, to_b, a, authserver, redis_url, read_keys)
+        stored = stored_token(redis_url, read_keys)
         assert stored is not None
         assert stored.fingerprint == fingerprint(newer), "the late, older token replaced the newer one"
         assert keys(redis_url, LOCKS) == []
@@ -123,41 +127,62 @@ async def test_a_stalled_holder_finishing_late_does_not_replace_the_newer_token(
 async def test_after_a_refused_late_write_the_stalled_holder_serves_the_newer_token(
     write_config: Callable[..., Path], redis_url: str, authserver: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
-    a, b = start_brokers(write_config(), count=2, workers=1, env=ENV)
+    config = write_config()
+    read_keys = token_keys(config, "payments", READ)
+    a, b = start_brokers(config, count=2, workers=1, env=ENV)
     async with (
         httpx.AsyncClient(base_url=a.url, timeout=15, trust_env=False) as to_a,
         httpx.AsyncClient(base_url=b.url, timeout=15, trust_env=False) as to_b,
     ):
-        _, newer = await stall_holder_past_its_lock(to_a, to_b, a, authserver, redis_url)
+        _, newer = await stall_holder_past_its_lock(to_a, to_b, a, authserver, redis_url, read_keys)
         assert (await get_token(to_a)).json()["access_token"] == newer
 
 
-async def test_store_put_refuses_a_token_that_expires_before_the_stored_one(redis_url: str) -> None:
+async def test_store_put_refuses_a_token_written_under_an_earlier_lock(redis_url: str) -> None:
+    """Writes are ordered by the fence of the lock they were fetched under, not by any host's
+    clock: a late writer holding an older lock cannot replace the token of a later one."""
     client = connect(redis_url)
     store = Store(client)
-    key = token_key("payments", READ)
-    now = time.time()
+    keys_of = store.keys.for_token("payments", "shape", READ)
+    now = time.monotonic()
 
-    def entry(name: str, lifetime: float) -> CachedToken:
+    def entry(name: str, lifetime: float, fence: int) -> CachedToken:
         return CachedToken(
             access_token=name,
             scope=READ,
-            expires_at=now + lifetime,
+            expires_at=time.time() + lifetime,
+            expires=now + lifetime,
             fresh_until=now + lifetime - 30,
             refresh_at=now + lifetime / 2,
             fetched_at=now,
             fingerprint=fingerprint(name),
+            fence=fence,
         )
 
     try:
-        newer, older = entry("newer-token", 3600), entry("older-token", 3000)
-        assert await store.put(key, newer, 3570) is True
-        assert await store.put(key, older, 2970) is False  # a late writer with an older token
-        assert await store.get(key) == newer
-        ttl = await client.pttl(key)
-        assert 3500_000 < ttl <= 3570_000  # the refused write did not touch the TTL either
-        assert await store.put(key, entry("newest-token", 3700), 3670) is True
-        current = await store.get(key)
+        first = await store.acquire_lock(keys_of, "a" * 32, 5)
+        second = await store.acquire_lock(keys_of, "b" * 32, 5)
+        assert first is not None
+        assert second is None  # held
+        await store.release_lock(first)
+        second = await store.acquire_lock(keys_of, "b" * 32, 5)
+        assert second is not None
+        assert second.fence > first.fence
+        newer = entry("newer-token", 3000, second.fence)
+        assert await store.put(keys_of, newer) is True
+        # the earlier holder finishes late, with a token that even expires later: refused
+        assert await store.put(keys_of, entry("older-lock-token", 3600, first.fence)) is False
+        current = await store.get(keys_of)
+        assert current is not None
+        assert current.fingerprint == newer.fingerprint
+        ttl = await client.pttl(keys_of.token)
+        assert 2900_000 < ttl <= 2970_000  # the refused write did not touch the TTL either
+        await store.release_lock(second)
+        third = await store.acquire_lock(keys_of, "c" * 32, 5)
+        assert third is not None
+        assert third.fence > second.fence
+        assert await store.put(keys_of, entry("newest-token", 1000, third.fence)) is True
+        current = await store.get(keys_of)
         assert current is not None
         assert current.access_token == "newest-token"
     finally:

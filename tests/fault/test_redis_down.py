@@ -21,11 +21,10 @@ import httpx
 import pytest
 
 from broker.embedded_redis import EmbeddedRedis
-from broker.store import token_key
 from tests.conftest import READ, WRITE, StartBrokers, auth
 from tests.fault.conftest import BOTH, TOKENS, get_token, keys, log_events, until
 from tests.integration.workers import pin_connections
-from tests.support import AuthServerProcess, free_port
+from tests.support import AuthServerProcess, free_port, token_keys
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +108,8 @@ async def test_the_broker_serves_through_a_redis_outage_and_resumes_sharing_when
     authserver: AuthServerProcess,
     start_brokers: StartBrokers,
 ) -> None:
-    (broker,) = start_brokers(write_fault_config(own_redis.url), workers=2)
+    config = write_fault_config(own_redis.url)
+    (broker,) = start_brokers(config, workers=2)
     async with contextlib.AsyncExitStack() as stack:
         fleet = Fleet(await pin_connections(broker, 25, stack))
 
@@ -179,7 +179,7 @@ async def test_the_broker_serves_through_a_redis_outage_and_resumes_sharing_when
         tokens = await fleet.burst(READ, "/v1/tokens/ledger")
         assert upstream_requests(authserver, READ, auth="post") == 1
         assert len(set.union(*tokens.values())) == 1
-        assert token_key("ledger", READ) in keys(own_redis.url, "tb:*:tok:*")
+        assert token_keys(config, "ledger", READ).token in keys(own_redis.url, "tb:*:tok:*")
 
 
 STALE_CONNECTIONS = (

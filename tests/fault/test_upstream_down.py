@@ -156,11 +156,12 @@ async def test_cached_tokens_are_served_while_upstream_is_down_until_expiry_minu
 
 
 async def warm_then_fail(client: httpx.AsyncClient, authserver: AuthServerProcess) -> str:
-    """A token with 60 s to live in the cache, older than a second, then upstream failing for good."""
-    authserver.configure(lifetime=60)
+    """A cached token with less than half its 8 s lifetime left (min_ttl asks for at most half a
+    lifetime) but still valid for another ~1.7 s, then upstream failing for good."""
+    authserver.configure(lifetime=8)
     warm = await get_token(client)
     assert warm.status_code == 200
-    await asyncio.sleep(1.1)  # older than a second: it no longer satisfies any min_ttl by itself
+    await asyncio.sleep(4.3)
     authserver.configure(fault="503")
     token: str = warm.json()["access_token"]
     return token
@@ -174,8 +175,9 @@ def assert_still_valid_token(response: httpx.Response, token: str) -> None:
     assert response.headers["Cache-Control"] == "no-store"
 
 
-# One attempt per fetch: the fallback shows at once instead of after two Retry-After waits.
-ONE_ATTEMPT = {"BROKER_UPSTREAM_MAX_ATTEMPTS": "1"}
+# One attempt per fetch: the fallback shows at once instead of after two Retry-After waits; the
+# refresh-ahead point late in the window, so that no background refresh runs meanwhile.
+ONE_ATTEMPT = {"BROKER_UPSTREAM_MAX_ATTEMPTS": "1", "BROKER_CACHE_REFRESH_AT": "0.95,0.99"}
 
 
 async def test_min_ttl_beyond_what_is_left_gets_the_still_valid_token_while_upstream_is_down(

@@ -15,10 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from broker.store import token_key
 from tests.conftest import CALLER_KEYS, READ, WRITE, StartBrokers
 from tests.fault.conftest import get_token, keys, log_events
-from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess
+from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess, token_keys
 
 pytestmark = pytest.mark.slow
 
@@ -49,12 +48,13 @@ async def test_malformed_answers_cache_nothing_and_leak_nothing_into_the_log(
 ) -> None:
     # a breaker that does not open here: which error code a run of malformed answers ends in is
     # the next test's subject
-    (broker,) = start_brokers(write_config(), env={"BROKER_UPSTREAM_BREAKER_FAILURES": "100"})
+    config = write_config()
+    (broker,) = start_brokers(config, env={"BROKER_UPSTREAM_BREAKER_FAILURES": "100"})
     async with httpx.AsyncClient(base_url=broker.url, timeout=15, trust_env=False) as client:
         valid = await get_token(client, WRITE)
         assert valid.status_code == 200
         valid_token = valid.json()["access_token"]
-        cached = [token_key("payments", WRITE)]
+        cached = [token_keys(config, "payments", WRITE).token]
         assert keys(redis_url, "tb:*:tok:*") == cached
 
         for case in MALFORMED:

@@ -245,7 +245,8 @@ async def burst_through_small_pool(url: str, commands: int = 200, connections: i
     client = redis_client.connect(url, max_connections=connections)
     try:
         store = Store(client)
-        results = await asyncio.gather(*(store.get(f"tb:{{burst}}:tok:{i}") for i in range(commands)))
+        keys = [store.keys.for_token("burst", "shape", str(i)) for i in range(commands)]
+        results = await asyncio.gather(*(store.get(k) for k in keys))
         assert results == [None] * commands
         assert store.reachable
     finally:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.store import EVENTS_CHANNEL, lock_key, rejection_key, token_key
+from broker.store import Keys
 from tests.conftest import READ, WRITE, StartBrokers, auth, config_text
-from tests.support import AuthServerProcess
+from tests.support import AuthServerProcess, token_keys
 from tests.topology.servers import RedisProcess, burst_through_small_pool, pin_every_worker, start_cluster
 
 pytestmark = pytest.mark.slow
@@ -52,17 +52,21 @@ async def test_cluster(
     (broker,) = start_brokers(config, count=1, workers=2)
 
     # 1. Keys of one credential share a slot.
+    read_keys = token_keys(config, "payments", READ)
+    events_channel = Keys().events
     with nodes[0].client() as client:
         slots = {
             kind: int(client.execute_command("CLUSTER KEYSLOT", key))
             for kind, key in (
-                ("tok", token_key("payments", READ)),
-                ("lock", lock_key("payments", READ)),
-                ("neg", rejection_key("payments", READ)),
-                ("tok-other-scope", token_key("payments", WRITE)),
+                ("tok", read_keys.token),
+                ("lock", read_keys.lock),
+                ("fence", read_keys.fence),
+                ("neg", read_keys.refusal),
+                ("inv", read_keys.invalidated),
+                ("tok-other-scope", token_keys(config, "payments", WRITE).token),
             )
         }
-        events_slot = int(client.execute_command("CLUSTER KEYSLOT", EVENTS_CHANNEL))
+        events_slot = int(client.execute_command("CLUSTER KEYSLOT", events_channel))
     assert len(set(slots.values())) == 1, slots
     owner = node_for_slot(nodes, slots["tok"])
     listener = node_for_slot(nodes, events_slot)
@@ -82,12 +86,12 @@ async def test_cluster(
         (old,) = tokens
         authserver.configure(delay=0.0)
         with owner.client() as direct:  # stored on the node that owns the slot, with a TTL
-            assert direct.get(token_key("payments", READ)) is not None
-            assert direct.pttl(token_key("payments", READ)) > 0
+            assert direct.get(read_keys.token) is not None
+            assert direct.pttl(read_keys.token) > 0
 
         # Every worker holds it in L1 now and is subscribed at the listener node.
         with listener.client() as direct:
-            subscribers = direct.pubsub_numsub(EVENTS_CHANNEL)[0][1]
+            subscribers = direct.pubsub_numsub(events_channel)[0][1]
         assert int(subscribers) == 2, f"{subscribers} worker(s) subscribed at the listener node"
         one_per_worker = [per_worker[0] for per_worker in pinned.values()]
         for client in one_per_worker:

@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.store import EVENTS_CHANNEL, token_key
+from broker.store import Keys
 from tests.conftest import READ, WRITE, StartBrokers, auth, config_text
-from tests.support import AuthServerProcess
+from tests.support import AuthServerProcess, token_keys
 from tests.topology.servers import RedisProcess, burst_through_small_pool, pin_every_worker, start_sentinel_group
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ async def test_sentinel_failover_during_traffic(
     config.write_text(config_text(url, authserver), encoding="utf-8")
     await burst_through_small_pool(url)  # the sentinel-managed pool waits for a connection too
     (broker,) = start_brokers(config, count=1, workers=2)
-    read_key, write_key = token_key("payments", READ), token_key("payments", WRITE)
+    read_key, write_key = token_keys(config, "payments", READ).token, token_keys(config, "payments", WRITE).token
 
     async with contextlib.AsyncExitStack() as stack:
         pinned = await pin_every_worker(broker, per_worker=1, stack=stack)
@@ -114,7 +114,7 @@ async def test_sentinel_failover_during_traffic(
             with replica.client() as direct:
                 await wait_for(
                     "workers subscribed at the new master",
-                    lambda: direct.pubsub_numsub(EVENTS_CHANNEL)[0][1] == 2,
+                    lambda: direct.pubsub_numsub(Keys().events)[0][1] == 2,
                     10,
                 )
             await asyncio.sleep(0.5)

@@ -19,9 +19,9 @@ from broker import redis_client
 from broker.api import create_app
 from broker.errors import StoreUnavailable
 from broker.settings import Settings, load_settings
-from broker.store import Store, token_key
+from broker.store import Store
 from tests.conftest import READ, auth, config_text, token_body
-from tests.support import AuthServerProcess
+from tests.support import AuthServerProcess, token_keys
 from tests.topology.conftest import TLSFiles
 from tests.topology.servers import RedisProcess
 
@@ -69,7 +69,7 @@ def test_tls_with_private_ca_serves_and_caches(
         assert second["access_token"] == first["access_token"]
         assert authserver.token_requests() == 1
     with tls_redis.client() as direct:  # the entry really is in the TLS server, with a TTL
-        key = token_key("payments", READ)
+        key = token_keys(settings, "payments", READ).token
         assert direct.get(key) is not None
         assert 0 < direct.pttl(key) <= 3600 * 1000
 
@@ -112,7 +112,7 @@ def test_tls_client_certificate(
         assert wait_ready(client, 5.0) == {"status": "ok", "redis": "ok"}
         token_body(client.get(TOKENS, params={"scope": READ}, headers=auth()))
     with tls_redis_client_auth.client() as direct:
-        assert direct.exists(token_key("payments", READ))
+        assert direct.exists(token_keys(with_cert, "payments", READ).token)
 
     without_cert = tls_settings(tmp_path, url, authserver, tls_ca_file=tls_files.ca)
     with app_client(without_cert) as client:

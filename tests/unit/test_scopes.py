@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
-
 import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from broker.errors import InvalidRequest
-from broker.scopes import MAX_SCOPE_LENGTH, MAX_SCOPES, canonical, parse, scope_set_id
+from broker.scopes import MAX_SCOPE_LENGTH, MAX_SCOPES, canonical, parse
 
 # Every character RFC 6749 §3.3 allows in a scope-token: %x21 / %x23-5B / %x5D-7E.
 ALLOWED = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"\\')
@@ -92,22 +89,6 @@ def test_scope_length_limit() -> None:
 def test_oversized_scope_parameter_is_refused_even_if_mostly_whitespace() -> None:
     with pytest.raises(InvalidRequest):
         parse("a" + " " * (MAX_SCOPES * (MAX_SCOPE_LENGTH + 1)))
-
-
-def test_scope_set_id_is_32_hex_chars_and_stable() -> None:
-    ident = scope_set_id("a b")
-    assert re.fullmatch(r"[0-9a-f]{32}", ident)
-    # spec §4.1: sha256(scope set)[:32]; a literal pins it across processes and releases
-    assert ident == hashlib.sha256(b"a b").hexdigest()[:32] == "c8687a08aa5d6ed2044328fa6a697ab8"
-
-
-def test_scope_set_id_distinguishes_scope_sets() -> None:
-    ids = {scope_set_id(s) for s in ["", "a", "a b", "a c", "b"]}
-    assert len(ids) == 5
-
-
-def test_equivalent_requests_share_one_scope_set_id() -> None:
-    assert scope_set_id(canonical(parse("b a"))) == scope_set_id(canonical(parse("a b a")))
 
 
 scope_token = st.text(alphabet=ALLOWED, min_size=1, max_size=20)
