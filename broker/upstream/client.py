@@ -227,10 +227,10 @@ class UpstreamClient:
             raise UpstreamInvalidResponse(f"The authorization server's discovery answered HTTP {status}.")
         try:
             doc = json.loads(body)
-        except RecursionError:
-            raise UpstreamInvalidResponse("The discovery document is nested too deeply to read.") from None
-        except ValueError:  # UnicodeDecodeError included
-            raise UpstreamInvalidResponse("The discovery document is not JSON.") from None
+        except RecursionError as exc:
+            raise UpstreamInvalidResponse("The discovery document is nested too deeply to read.") from exc
+        except ValueError as exc:  # UnicodeDecodeError included
+            raise UpstreamInvalidResponse("The discovery document is not JSON.") from exc
         if not isinstance(doc, dict):
             raise UpstreamInvalidResponse("The discovery document is not a JSON object.")
         found = doc.get("issuer")
