@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import enum
 import hmac
+import math
 import time
 import uuid
 from collections import deque
@@ -64,8 +65,11 @@ FAULTS: Final = frozenset(
         "huge",
         "redirect",
         "close",
+        "bad_gzip",
     }
 )
+DISCOVERY_FAULTS: Final = frozenset({"none", "nested", "bad_gzip"})
+NESTED_DEPTH: Final = 30_000  # far beyond any JSON parser's recursion limit, and still under 64 KiB
 _CLOSE_KEY: Final = "authserver.close_connection"
 _FORM_TYPE: Final = "application/x-www-form-urlencoded"
 
@@ -84,6 +88,8 @@ class Config:
     fault_count: int | None = None
     token_type: str = "Bearer"
     grant_scope: str | None = None
+    jwt_lifetime: int | None = None  # the JWT's exp, in seconds from now; None: the same as lifetime
+    discovery_fault: str = "none"
 
     def updated(self, changes: object) -> Config:
         if not isinstance(changes, dict):
@@ -95,6 +101,8 @@ class Config:
             "fault_count": (int, type(None)),
             "token_type": (str,),
             "grant_scope": (str, type(None)),
+            "jwt_lifetime": (int, type(None)),
+            "discovery_fault": (str,),
         }
         for name, value in changes.items():
             if name == "expires_in":
@@ -105,6 +113,9 @@ class Config:
                 raise TypeError(f"bad type for {name}: {value!r}")
         if changes.get("fault", "none") not in FAULTS:
             raise ValueError(f"unknown fault {changes['fault']!r}; known: {sorted(FAULTS)}")
+        if changes.get("discovery_fault", "none") not in DISCOVERY_FAULTS:
+            known = sorted(DISCOVERY_FAULTS)
+            raise ValueError(f"unknown discovery_fault {changes['discovery_fault']!r}; known: {known}")
         if (changes.get("fault_count") or 0) < 0:
             raise ValueError("fault_count must be >= 0")
         changes = dict(changes)
@@ -169,6 +180,11 @@ class _CloseConnection(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[_CLOSE_KEY] = True
+
+
+def _not_gzip() -> Response:
+    """A 200 that claims a gzip body but is not one: a client cannot decode it."""
+    return Response(b"this is not gzip", 200, media_type="application/json", headers={"Content-Encoding": "gzip"})
 
 
 def _parse_form(content_type: str, body: bytes) -> tuple[dict[str, str], str | None]:
@@ -268,18 +284,25 @@ class AuthServer:
 
     async def discovery(self, request: Request) -> Response:
         self.state.discovery_requests += 1
-        return _json(
-            {
-                "issuer": self.issuer,
-                "token_endpoint": f"{self.issuer}/oauth/token",
-                "jwks_uri": f"{self.issuer}/jwks",
-                "grant_types_supported": ["client_credentials"],
-                "token_endpoint_auth_methods_supported": [
-                    "client_secret_basic",
-                    "client_secret_post",
-                ],
-            }
-        )
+        document = {
+            "issuer": self.issuer,
+            "token_endpoint": f"{self.issuer}/oauth/token",
+            "jwks_uri": f"{self.issuer}/jwks",
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": [
+                "client_secret_basic",
+                "client_secret_post",
+            ],
+        }
+        match self.state.config.discovery_fault:
+            case "nested":
+                # A valid JSON document with one member nested NESTED_DEPTH arrays deep.
+                head = JSONResponse(document).body[:-1]
+                nested = b"[" * NESTED_DEPTH + b"]" * NESTED_DEPTH
+                return Response(head + b', "x": ' + nested + b"}", 200, media_type="application/json")
+            case "bad_gzip":
+                return _not_gzip()
+        return _json(document)
 
     async def jwks_endpoint(self, request: Request) -> Response:
         self.state.jwks_requests += 1
@@ -328,15 +351,17 @@ class AuthServer:
         scope = requested if scopes else DEFAULT_SCOPE
         granted = config.grant_scope if config.grant_scope is not None else scope
 
-        now = int(time.time())
+        now = time.time()
+        jwt_lifetime = config.lifetime if config.jwt_lifetime is None else config.jwt_lifetime
         claims = {
             "iss": self.issuer,
             "sub": client_id,
             "client_id": client_id,
             "aud": form.get("audience", DEFAULT_AUDIENCE),
             "scope": granted,
-            "iat": now,
-            "exp": now + config.lifetime,
+            "iat": int(now),
+            # Rounded up: exp is never earlier than expires_in says (the broker takes the earlier).
+            "exp": math.ceil(now + jwt_lifetime),
             "jti": uuid.uuid4().hex,
         }
         header = {"alg": "RS256", "kid": self.key.kid, "typ": "at+jwt"}
@@ -391,6 +416,8 @@ class AuthServer:
                 return RedirectResponse(f"{self.issuer}/elsewhere", 302)
             case "close":
                 return _CloseConnection()
+            case "bad_gzip":
+                return _not_gzip()
         raise AssertionError(f"unhandled fault {fault!r}")
 
     async def control_config(self, request: Request) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from urllib.parse import quote_plus
 
@@ -97,7 +98,8 @@ def test_access_token_verifies_against_jwks(server: AuthServerProcess, http: htt
     )
     for token in decoded:
         registry.validate(token.claims)  # also checks exp is in the future
-        assert token.claims["exp"] - token.claims["iat"] == 120
+        # iat is rounded down and exp up, so exp is never earlier than expires_in says
+        assert token.claims["exp"] - token.claims["iat"] in (120, 121)
     assert decoded[0].claims["jti"] != decoded[1].claims["jti"]
 
     head, _, signature = tokens[0].rpartition(".")
@@ -176,3 +178,36 @@ def test_control_rejects_unknown_settings(server: AuthServerProcess) -> None:
         server.configure(fault="teapot")
     with pytest.raises(ValueError, match="unknown config key"):
         server.configure(lifetme=5)
+    with pytest.raises(ValueError, match="unknown discovery_fault"):
+        server.configure(discovery_fault="teapot")
+
+
+def test_bad_gzip_fault_cannot_be_decoded(server: AuthServerProcess, http: httpx.Client) -> None:
+    server.configure(fault="bad_gzip", fault_count=1)
+    with pytest.raises(httpx.DecodingError):
+        http.post(server.token_url, data=GRANT, headers=basic(CLIENT_ID, CLIENT_SECRET))
+
+
+def test_discovery_faults(server: AuthServerProcess, http: httpx.Client) -> None:
+    url = f"{server.url}/.well-known/openid-configuration"
+    server.configure(discovery_fault="nested")
+    nested = http.get(url)
+    assert nested.status_code == 200
+    assert len(nested.content) < 64 * 1024  # under the broker's size cap: the parser meets it
+    with pytest.raises(RecursionError):
+        nested.json()
+    server.configure(discovery_fault="bad_gzip")
+    with pytest.raises(httpx.DecodingError):
+        http.get(url)
+    server.configure(discovery_fault="none")
+    assert http.get(url).json()["issuer"] == server.url
+
+
+def test_jwt_lifetime_sets_exp_apart_from_expires_in(server: AuthServerProcess, http: httpx.Client) -> None:
+    server.configure(lifetime=3600, jwt_lifetime=-30)
+    response = http.post(server.token_url, data=GRANT, headers=basic(CLIENT_ID, CLIENT_SECRET))
+    body = response.json()
+    assert body["expires_in"] == 3600
+    payload = body["access_token"].split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["exp"] - claims["iat"] in (-30, -29)

@@ -2,7 +2,13 @@
 
 closed ──N consecutive transient failures──▶ open ──cool-down over──▶ half-open (one probe)
    ▲                                           ▲                          │
-   └────────────── probe succeeds ─────────────┴──── probe fails (cool-down doubles) ──┘
+   └────────────── probe answered ─────────────┴──── probe fails (cool-down doubles) ──┘
+
+Every request goes through `admit()` and runs inside the Attempt it returns, which settles the
+outcome whatever happens: a transient failure (UpstreamUnavailable) counts against the server;
+any other answer (a token, a refusal, a malformed answer) proves it is up and closes the circuit;
+anything else (the request cancelled, a bug) says nothing about the server, so the probe slot is
+given back unchanged and the next request probes instead.
 """
 
 from __future__ import annotations
@@ -10,13 +16,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from enum import Enum
+from types import TracebackType
 
 import structlog
 
-from broker.errors import UpstreamUnavailable
+from broker.errors import UpstreamError, UpstreamUnavailable
 from broker.metrics import breaker_state
 
-__all__ = ["BreakerState", "CircuitBreaker"]
+__all__ = ["Attempt", "BreakerState", "CircuitBreaker"]
 
 log = structlog.get_logger("broker.upstream")
 
@@ -25,6 +32,28 @@ class BreakerState(Enum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+class Attempt:
+    """One admitted request: `with attempt:` around it records its outcome on the breaker."""
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.breaker.record_success()
+        elif isinstance(exc, UpstreamUnavailable):
+            self.breaker.record_failure()
+        elif isinstance(exc, UpstreamError):
+            self.breaker.record_success()  # refused or malformed: it answered, so it is up (spec §4.7)
+        else:
+            self.breaker.give_back(self)
 
 
 class CircuitBreaker:
@@ -46,31 +75,41 @@ class CircuitBreaker:
         self._consecutive = 0
         self._cooldown = cooldown
         self._open_until = 0.0
-        self._probing = False
+        self._probe: Attempt | None = None  # the one request let through while half-open
         breaker_state(name, self.state.value)  # a credential shows up as closed from its first request
 
-    def before_request(self) -> None:
-        """Raises UpstreamUnavailable (with Retry-After) instead of letting a request through."""
+    def admit(self) -> Attempt:
+        """An Attempt to run one request in, or UpstreamUnavailable (with Retry-After) while open.
+
+        Nothing may be awaited between admit() and entering the Attempt, or a probe slot could leak.
+        """
         if self.state is BreakerState.CLOSED:
-            return
+            return Attempt(self)
         now = self.monotonic()
         if self.state is BreakerState.OPEN:
             if now < self._open_until:
                 raise self._refusal(self._open_until - now)
             self._set(BreakerState.HALF_OPEN)
-            self._probing = False
-        if self._probing:
+            self._probe = None
+        if self._probe is not None:
             raise self._refusal(self._cooldown)
-        self._probing = True  # this request is the single probe
+        self._probe = Attempt(self)  # this request is the single probe
+        return self._probe
+
+    def give_back(self, attempt: Attempt) -> None:
+        """An attempt ended without telling anything about the server: if it was the probe, the
+        next request probes instead (the state stays as it is)."""
+        if self._probe is attempt:
+            self._probe = None
 
     def record_success(self) -> None:
-        """The server answered (a token, or a refusal that proves it is up)."""
+        """The server answered (a token, a refusal or a malformed answer: it is up)."""
         if self.state is not BreakerState.CLOSED:
             log.info("upstream.breaker_closed", credential=self.name)
             self._set(BreakerState.CLOSED)
         self._consecutive = 0
         self._cooldown = self.base_cooldown
-        self._probing = False
+        self._probe = None
 
     def record_failure(self) -> None:
         """A transient failure: connect error, timeout, 429 or 5xx."""
@@ -87,7 +126,7 @@ class CircuitBreaker:
 
     def _open(self, reason: str) -> None:
         self._set(BreakerState.OPEN)
-        self._probing = False
+        self._probe = None
         self._open_until = self.monotonic() + self._cooldown
         log.warning("upstream.breaker_opened", credential=self.name, reason=reason, cooldown=self._cooldown)
 

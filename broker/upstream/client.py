@@ -12,7 +12,7 @@ import httpx
 import structlog
 
 from broker.clock import Clock, SystemClock
-from broker.errors import UpstreamInvalidResponse, UpstreamRejected, UpstreamUnavailable
+from broker.errors import UpstreamError, UpstreamInvalidResponse, UpstreamUnavailable
 from broker.metrics import observe_upstream
 from broker.settings import CredentialSettings, UpstreamSettings
 from broker.upstream.auth import client_auth_for
@@ -95,17 +95,18 @@ class UpstreamClient:
     async def fetch(self, credential: CredentialSettings, scope_set: str, deadline: float) -> FetchedToken:
         """One token for (credential, scope set), retrying transient failures until `deadline`.
 
-        `deadline` is a time.monotonic() value. Raises an UpstreamError subclass.
+        `deadline` is a time.monotonic() value. Raises an UpstreamError subclass, whatever goes
+        wrong in the exchange (the original exception chained as its cause).
         """
         breaker = self.breaker(credential.name)
         attempt = 0
         while True:
             attempt += 1
-            breaker.before_request()
+            admitted = breaker.admit()  # the circuit-open refusal is raised here: not retried
             try:
-                token = await self._attempt(credential, scope_set, deadline, attempt)
+                with admitted:
+                    return await self._attempt(credential, scope_set, deadline, attempt)
             except UpstreamUnavailable as exc:
-                breaker.record_failure()
                 delay = self._retry_delay(exc, attempt, deadline)
                 if delay is None:
                     raise
@@ -117,15 +118,14 @@ class UpstreamClient:
                     reason=exc.description,
                 )
                 await asyncio.sleep(delay)
-                continue
-            except UpstreamRejected:
-                breaker.record_success()  # a refusal proves the server is up
+            except UpstreamError:
                 raise
-            except UpstreamInvalidResponse:
-                breaker.record_success()  # it answered: a bad answer is not an outage (spec §4.7)
-                raise
-            breaker.record_success()
-            return token
+            except Exception as exc:
+                # Not one of the failures _attempt knows (those are translated where they happen):
+                # a bug here or in a library. The caller still gets an answer from the error tree;
+                # the traceback goes to the log (through the redactor, like every line).
+                log.exception("upstream.unexpected_error", credential=credential.name, error_type=type(exc).__name__)
+                raise UpstreamInvalidResponse(f"The token request failed unexpectedly ({type(exc).__name__}).") from exc
 
     def _retry_delay(self, exc: UpstreamUnavailable, attempt: int, deadline: float) -> float | None:
         """Exponential backoff with full jitter, at least Retry-After; None when out of attempts or time."""
@@ -160,14 +160,13 @@ class UpstreamClient:
                     body = await _Body.read(response)
                     content_type = response.headers.get("content-type")
                     retry_after = response.headers.get("retry-after")
-        except (TimeoutError, httpx.TimeoutException):
-            status = "timeout"
-            raise UpstreamUnavailable("The authorization server did not answer in time.") from None
-        except httpx.TransportError as exc:
-            status = "unreachable"
-            raise UpstreamUnavailable(
-                f"The authorization server could not be reached ({type(exc).__name__})."
-            ) from None
+        except UpstreamError:
+            raise
+        except Exception as exc:
+            failure = _exchange_failure(exc, "the authorization server")
+            if isinstance(failure, UpstreamUnavailable):
+                status = "timeout" if isinstance(exc, TimeoutError | httpx.TimeoutException) else "unreachable"
+            raise failure from exc
         finally:
             elapsed = time.monotonic() - started
             observe_upstream(credential.name, str(status), elapsed)
@@ -186,8 +185,7 @@ class UpstreamClient:
                 issued_at=issued_at,
                 default_expires_in=self.default_expires_in,
             )
-        error = classify_error(int(status), content_type, body, retry_after)
-        raise error
+        raise classify_error(int(status), content_type, body, retry_after)
 
     @staticmethod
     def _loop_deadline(deadline: float) -> float:
@@ -219,25 +217,53 @@ class UpstreamClient:
                 async with self.http.stream("GET", url) as response:
                     body = await _Body.read(response)
                     status = response.status_code
-        except (TimeoutError, httpx.TimeoutException):
-            raise UpstreamUnavailable("The authorization server's discovery document timed out.") from None
-        except httpx.TransportError as exc:
-            raise UpstreamUnavailable(
-                f"The authorization server could not be reached for discovery ({type(exc).__name__})."
-            ) from None
+        except UpstreamError:
+            raise
+        except Exception as exc:
+            raise _exchange_failure(exc, "the authorization server's discovery endpoint") from exc
         if status == 429 or status >= 500:
             raise UpstreamUnavailable(f"The authorization server's discovery answered HTTP {status}.")
         if status != 200:
             raise UpstreamInvalidResponse(f"The authorization server's discovery answered HTTP {status}.")
         try:
             doc = json.loads(body)
-        except ValueError:
-            raise UpstreamInvalidResponse("The discovery document is not JSON.") from None
+        except RecursionError as exc:
+            raise UpstreamInvalidResponse("The discovery document is nested too deeply to read.") from exc
+        except ValueError as exc:  # UnicodeDecodeError included
+            raise UpstreamInvalidResponse("The discovery document is not JSON.") from exc
         if not isinstance(doc, dict):
             raise UpstreamInvalidResponse("The discovery document is not a JSON object.")
-        if str(doc.get("issuer", "")).rstrip("/") != issuer:
+        found = doc.get("issuer")
+        if not isinstance(found, str) or found.rstrip("/") != issuer:
             raise UpstreamInvalidResponse("The discovery document names a different issuer.")
         endpoint = doc.get("token_endpoint")
-        if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
+        if not isinstance(endpoint, str) or not _usable_url(endpoint):
             raise UpstreamInvalidResponse("The discovery document has no usable token_endpoint.")
         return endpoint
+
+
+def _usable_url(url: str) -> bool:
+    """An absolute http(s) URL with a host that httpx can send a request to."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
+    return parsed.scheme in ("https", "http") and bool(parsed.host)
+
+
+def _exchange_failure(exc: Exception, server: str) -> UpstreamError:
+    """What a failed HTTP exchange with `server` ("the authorization server…") stands for.
+
+    Timeouts and transport errors are transient; an answer that arrived but cannot be read (a
+    broken Content-Encoding) is an invalid response, and so is any other failure (another httpx
+    error, or an exception from below it): nothing usable came back, and retrying will not help.
+    """
+    name = type(exc).__name__
+    subject = server[:1].upper() + server[1:]
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        return UpstreamUnavailable(f"{subject} did not answer in time.")
+    if isinstance(exc, httpx.TransportError):
+        return UpstreamUnavailable(f"{subject} could not be reached ({name}).")
+    if isinstance(exc, httpx.DecodingError):
+        return UpstreamInvalidResponse(f"{subject} sent a body that cannot be decoded (broken Content-Encoding).")
+    return UpstreamInvalidResponse(f"The exchange with {server} failed ({name}).")

@@ -80,15 +80,25 @@ def _finite(value: float) -> float | None:
 
 
 def lifetime_from(expires_in: Any, access_token: str, now: float, default: float) -> float:
-    """Token lifetime per spec §4.2. Raises UpstreamInvalidResponse for a bad expires_in."""
-    if expires_in is None:
-        exp = jwt_exp(access_token)
-        if exp is None:
-            return default
-        lifetime = exp - now
-        if lifetime <= 0:
-            raise UpstreamInvalidResponse("The authorization server issued a token that has already expired.")
-        return min(lifetime, MAX_LIFETIME)
+    """Token lifetime per spec §4.2, from `now` (when the request was sent).
+
+    The earlier of `expires_in` and the JWT `exp`, whichever of them is there, else `default`: a
+    token is never taken as valid past its own `exp` (read without verification, as a hint only; a
+    token that is not a JWT with a numeric `exp` has none). Raises UpstreamInvalidResponse for a
+    bad `expires_in` or an `exp` already past.
+    """
+    lifetime = None if expires_in is None else _expires_in_seconds(expires_in)
+    exp = jwt_exp(access_token)
+    if exp is None:
+        return default if lifetime is None else lifetime
+    until_exp = exp - now
+    if until_exp <= 0:
+        raise UpstreamInvalidResponse("The authorization server issued a token that has already expired.")
+    return min(until_exp, MAX_LIFETIME if lifetime is None else lifetime)
+
+
+def _expires_in_seconds(expires_in: Any) -> float:
+    """A valid `expires_in` (a positive number or numeric string, at most a year) in seconds."""
     if isinstance(expires_in, bool):
         raise UpstreamInvalidResponse("The authorization server sent a non-numeric expires_in.")
     if isinstance(expires_in, str):
@@ -107,8 +117,6 @@ def lifetime_from(expires_in: Any, access_token: str, now: float, default: float
         raise UpstreamInvalidResponse("The authorization server sent a non-numeric expires_in.")
     if expires_in <= 0:
         raise UpstreamInvalidResponse("The authorization server sent a non-positive expires_in.")
-    if expires_in > MAX_LIFETIME:
-        raise UpstreamInvalidResponse("The authorization server sent an expires_in longer than a year.")
     return float(expires_in)
 
 
@@ -133,7 +141,10 @@ def parse_token_response(
     issued_at: float,
     default_expires_in: float,
 ) -> FetchedToken:
-    """A 200 answer to a token request → FetchedToken, or UpstreamInvalidResponse."""
+    """A 200 answer to a token request → FetchedToken, or UpstreamInvalidResponse.
+
+    `requested_scope` is the canonical scope set asked for: the granted scope must lie within it.
+    """
     if len(body) > MAX_BODY_BYTES:
         raise UpstreamInvalidResponse("The authorization server's answer is larger than 64 KiB.")
     if not _is_json(content_type):
@@ -149,13 +160,7 @@ def parse_token_response(
     token_type = data.get("token_type")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise UpstreamInvalidResponse("The authorization server issued a token that is not a Bearer token.")
-    scope = data.get("scope")
-    if scope is None:
-        granted = requested_scope  # RFC 6749 §5.1: omitted means as requested
-    elif isinstance(scope, str):
-        granted = " ".join(sorted(set(scope.split())))
-    else:
-        raise UpstreamInvalidResponse("The authorization server sent a scope that is not a string.")
+    granted = _granted_scope(data.get("scope"), requested_scope)
     lifetime = lifetime_from(data.get("expires_in"), token, issued_at, default_expires_in)
     return FetchedToken(
         access_token=token,
@@ -163,6 +168,35 @@ def parse_token_response(
         lifetime=lifetime,
         issued_at=issued_at,
     )
+
+
+def _granted_scope(scope: Any, requested_scope: str) -> str:
+    """The granted scope set, canonical; UpstreamInvalidResponse if it reaches beyond the request.
+
+    The cache is shared per requested scope set, so a broader token would reach callers never
+    granted the extra scopes (spec §4.8). A narrower grant is fine. An empty request grants
+    nothing, so any scope granted for it is beyond it. Omitted means as requested (RFC 6749 §5.1).
+    """
+    if scope is None:
+        return requested_scope
+    if not isinstance(scope, str):
+        raise UpstreamInvalidResponse("The authorization server sent a scope that is not a string.")
+    granted = set(scope.split())
+    if extra := granted - set(requested_scope.split()):
+        raise UpstreamInvalidResponse(
+            f"The authorization server granted scope beyond the requested set: {_scope_names(extra)}."
+        )
+    return " ".join(sorted(granted))
+
+
+def _scope_names(scopes: set[str], limit: int = 10, width: int = 80) -> str:
+    """For a sentence: sorted, at most `limit` of them, each printable ASCII of at most `width`."""
+    shown = []
+    for name in sorted(scopes)[:limit]:
+        printable = name if name.isascii() and name.isprintable() else ascii(name)[1:-1]
+        shown.append(printable if len(printable) <= width else printable[: width - 3] + "...")
+    more = len(scopes) - limit
+    return " ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -42,9 +42,39 @@ def test_expires_in_number_or_numeric_string(expires_in: Any, expected: float) -
     assert lifetime_from(expires_in, OPAQUE, NOW, DEFAULT) == expected
 
 
-def test_expires_in_wins_over_jwt_exp() -> None:
+@pytest.mark.parametrize("make", [unsigned_jwt, signed_jwt], ids=["unsigned", "hs256"])
+def test_an_earlier_jwt_exp_shortens_expires_in(make: Any) -> None:
+    """Defect (hardening issue item 15): expires_in won over an earlier JWT exp, so a token was
+    cached and handed out past the moment its own exp says it expires."""
+    token = make({"sub": "svc", "exp": int(NOW) + 120})
+    assert lifetime_from(3600, token, NOW, DEFAULT) == pytest.approx(120.0)
+    assert lifetime_from("3600", token, NOW + 20, DEFAULT) == pytest.approx(100.0)
+
+
+def test_a_later_jwt_exp_does_not_lengthen_expires_in() -> None:
     token = unsigned_jwt({"exp": NOW + 9999})
     assert lifetime_from(120, token, NOW, DEFAULT) == 120.0
+
+
+@pytest.mark.parametrize("exp", [NOW - 5, NOW], ids=["past", "now"])
+def test_a_jwt_exp_already_past_beside_expires_in_is_invalid_response(exp: float) -> None:
+    """Defect: with an expires_in beside it, a JWT whose exp had passed was taken as valid."""
+    with pytest.raises(UpstreamInvalidResponse, match="already expired"):
+        lifetime_from(3600, unsigned_jwt({"exp": exp}), NOW, DEFAULT)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [OPAQUE, "a.b.c", unsigned_jwt({"sub": "no-exp"}), unsigned_jwt({"exp": "1800000010"}), unsigned_jwt(b"[1]")],
+    ids=["opaque", "three-parts-not-jwt", "no-exp", "string-exp", "array-payload"],
+)
+def test_a_token_without_a_usable_exp_keeps_expires_in(token: str) -> None:
+    assert lifetime_from(3600, token, NOW, DEFAULT) == 3600.0
+
+
+def test_a_bad_expires_in_is_refused_even_beside_a_good_exp() -> None:
+    with pytest.raises(UpstreamInvalidResponse, match="non-positive"):
+        lifetime_from(0, unsigned_jwt({"exp": NOW + 60}), NOW, DEFAULT)
 
 
 @pytest.mark.parametrize("make", [unsigned_jwt, signed_jwt], ids=["unsigned", "hs256"])
