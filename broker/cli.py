@@ -67,7 +67,11 @@ def _port_problem(host: str, port: int) -> str | None:
     except socket.gaierror as exc:
         return f"cannot listen on {host} port {port}: {exc.strerror}"
     for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # a family this machine lacks: asyncio skips it too
+        with probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -76,6 +80,8 @@ def _port_problem(host: str, port: int) -> str | None:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     return f"port {port} on {host} is already in use"
+                if family == socket.AF_INET6 and exc.errno == errno.EADDRNOTAVAIL:
+                    continue  # IPv6 disabled: asyncio skips the address as well
                 return f"cannot listen on {host} port {port}: {exc.strerror}"
     return None
 
