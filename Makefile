@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The demo broker's port: make demo PORT=9090
+PORT ?= 8080
 
 .PHONY: venv demo test lint typecheck check lock bench clean
 
@@ -14,8 +16,8 @@ $(BIN)/.installed: requirements-dev.lock pyproject.toml
 
 venv: $(BIN)/.installed
 
-demo: $(BIN)/.installed  ## start the broker with embedded Redis and a demo authorization server
-	$(BIN)/token-broker dev
+demo: $(BIN)/.installed  ## start the broker with embedded Redis and a demo authorization server (PORT=8080)
+	@$(BIN)/token-broker dev --port $(PORT)
 
 test: $(BIN)/.installed  ## run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

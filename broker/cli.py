@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import os
 import re
 import secrets
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -47,6 +50,42 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """From here on SIGTERM is an exit that runs `finally` blocks (stopping the embedded Redis,
+    removing temporary directories), like Ctrl-C. uvicorn re-raises the signal it shut down for
+    once it restored this handler."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why uvicorn could not listen on `host`:`port`, or None. Found by binding every address
+    the host resolves to the way uvicorn does (SO_REUSEADDR), before anything else is started."""
+    if port == 0:
+        return None
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot listen on {host} port {port}: {exc.strerror}"
+    for family, kind, proto, _, address in addresses:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # a family this machine lacks: asyncio skips it too
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"port {port} on {host} is already in use"
+                if family == socket.AF_INET6 and exc.errno == errno.EADDRNOTAVAIL:
+                    continue  # IPv6 disabled: asyncio skips the address as well
+                return f"cannot listen on {host} port {port}: {exc.strerror}"
+    return None
+
+
 def _run_uvicorn(host: str, port: int, workers: int) -> None:
     import uvicorn  # noqa: PLC0415 - heavy, only for serving
 
@@ -54,9 +93,6 @@ def _run_uvicorn(host: str, port: int, workers: int) -> None:
     # multiprocess mode); it must be set before any worker imports prometheus_client.
     metrics_dir = tempfile.TemporaryDirectory(prefix="token-broker-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
-    # uvicorn re-raises the signal it shut down for once it restored the previous handler: make
-    # that handler an exit, so `finally` blocks (stopping the embedded Redis) still run.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         _uvicorn_run(uvicorn, host, port, workers)
     finally:
@@ -82,6 +118,10 @@ def _uvicorn_run(uvicorn: Any, host: str, port: int, workers: int) -> None:
 
 def _serve(settings: Settings, config_path: str, host: str, port: int, workers: int) -> int:
     """Run the broker; with no Redis URL, around an embedded redis-server that stops with us."""
+    if (problem := _port_problem(host, port)) is not None:
+        print(f"error: {problem}: choose another with --port N, [server] port or BROKER_SERVER_PORT", file=sys.stderr)
+        return 1
+    _exit_cleanly_on_sigterm()
     os.environ["BROKER_CONFIG"] = str(Path(config_path).resolve())
     embedded: EmbeddedRedis | None = None
     if settings.redis.url is None:
@@ -194,18 +234,26 @@ def _start_demo_authserver(client_secret: str) -> str:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
+    if (problem := _port_problem("127.0.0.1", args.port)) is not None:
+        print(
+            f"error: {problem}: choose another with `token-broker dev --port N` (or `make demo PORT=N`)",
+            file=sys.stderr,
+        )
+        return 1
+    _exit_cleanly_on_sigterm()
     configure_logging()
     client_secret = secrets.token_urlsafe(24)
     os.environ["TB_DEMO_CLIENT_SECRET"] = client_secret
-    try:
-        embedded = EmbeddedRedis().start()
-    except (RedisServerNotFound, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    try:
-        issuer = _start_demo_authserver(client_secret)
+    # Every exit (stop, SIGTERM, Ctrl-C, a failure to start) stops the Redis and removes the directory.
+    with contextlib.ExitStack() as cleanup:
+        try:
+            embedded = cleanup.enter_context(EmbeddedRedis())
+            issuer = _start_demo_authserver(client_secret)
+        except (RedisServerNotFound, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         key = new_caller_key()
-        workdir = Path(tempfile.mkdtemp(prefix="token-broker-dev-"))
+        workdir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="token-broker-dev-")))
         config = workdir / "dev.toml"
         config.write_text(
             _DEV_CONFIG.format(port=args.port, redis_url=embedded.url, issuer=issuer, key_hash=hash_key(key)),
@@ -229,8 +277,6 @@ Get a token:
         )
         os.environ["BROKER_CONFIG"] = str(config)
         _run_uvicorn("127.0.0.1", args.port, args.workers)
-    finally:
-        embedded.stop()
     return 0
 
 

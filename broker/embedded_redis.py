@@ -100,6 +100,14 @@ class EmbeddedRedis:
                 "or set [redis] url / BROKER_REDIS_URL"
             )
         self._dir = tempfile.TemporaryDirectory(prefix="tb-redis-")
+        try:
+            self._start(binary, Path(self._dir.name), timeout)
+        except BaseException:  # a failure, SIGTERM or Ctrl-C while starting: no process, no directory left
+            self.stop()
+            raise
+        return self
+
+    def _start(self, binary: str, directory: Path, timeout: float) -> None:
         args = [
             binary,
             "--port",
@@ -111,14 +119,14 @@ class EmbeddedRedis:
             "--appendonly",
             "no",
             "--dir",
-            self._dir.name,
+            str(directory),
             "--daemonize",
             "no",
             "--loglevel",
             "warning",
             *self.extra_args,
         ]
-        log = Path(self._dir.name) / "redis.log"
+        log = directory / "redis.log"
         with log.open("wb") as out:
             # Own session: a Ctrl-C at the terminal must not stop Redis before the broker has drained.
             self.process = subprocess.Popen(  # noqa: S603
@@ -136,11 +144,10 @@ class EmbeddedRedis:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(64).startswith(b"+PONG"):
-                        return self
+                        return
             except OSError:
                 pass
             time.sleep(0.02)
-        self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
 
     def stop(self) -> None:

@@ -158,7 +158,17 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False  # every answer is JSON: a trailing slash is a 404, not a redirect
+    _no_head_under_v1(app)
     return app
+
+
+def _no_head_under_v1(app: Starlette) -> None:
+    """Starlette answers HEAD for every GET route by running the GET endpoint: for a token route
+    that is an upstream fetch (or a token handed out) for an answer without a body. Under /v1/
+    HEAD is 405 `method_not_allowed` with `Allow: GET`; the service endpoints keep their HEAD."""
+    for route in app.routes:
+        if isinstance(route, Route) and route.path.startswith("/v1/") and route.methods:
+            route.methods.discard("HEAD")
 
 
 def app_from_env() -> Starlette:

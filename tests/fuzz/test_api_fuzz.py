@@ -71,7 +71,8 @@ def _documented() -> list[tuple[re.Pattern[str], dict[str, set[int]]]]:
     routes = []
     for template, item in _DOCUMENT["paths"].items():
         methods = {m.upper(): {int(code) for code in op["responses"]} for m, op in item.items() if m in _HTTP_METHODS}
-        if "GET" in methods:  # HEAD is answered for every GET route (openapi.yaml, info.description)
+        # HEAD is answered like GET outside /v1/ and refused (405) under it (openapi.yaml, info.description)
+        if "GET" in methods and not template.startswith("/v1/"):
             methods.setdefault("HEAD", methods["GET"])
         # Starlette's own reading of a route template: a parameter is one non-empty segment
         pattern = "^" + re.sub(r"\\\{[a-z_]+\\\}", "[^/]+", re.escape(template)) + "$"

@@ -1,8 +1,9 @@
 """Fixtures for the Redis topology tests (spec §7.4): TLS, Sentinel and Cluster servers started here.
 
 Every server is a real redis-server process in a temporary directory of its own, stopped when the
-test ends, pass or fail. A test is skipped (with the reason) only when no redis-server can be found
-or the one found lacks what it needs (TLS support).
+test ends, pass or fail. A test is skipped (with the reason) only when no redis-server can be found.
+The TLS tests need one built with TLS: found or built by tests/topology/tls_binary.py, and a failure
+when there is none (unless BROKER_TEST_ALLOW_NO_TLS=1), so that CI proves TLS on every machine.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import trustme
 
 from tests.topology.servers import RedisProcess, redis_binary, servers
+from tests.topology.tls_binary import tls_redis_binary
 
 __all__ = ["TLSFiles"]
 
@@ -48,9 +50,14 @@ def tls_files(tmp_path: Path) -> TLSFiles:
     return files
 
 
-def tls_server(files: TLSFiles, *, client_certs: bool) -> RedisProcess:
+@pytest.fixture(scope="session")
+def tls_binary() -> str:
+    """A redis-server built with TLS (built once if need be); no skip without BROKER_TEST_ALLOW_NO_TLS=1."""
+    return tls_redis_binary()
+
+
+def tls_server(files: TLSFiles, binary: str, *, client_certs: bool) -> RedisProcess:
     """A TLS-only redis-server (no plaintext port) with the trustme server certificate."""
-    redis_binary()  # skips the test when there is none
     server = RedisProcess(
         [
             "--port",
@@ -72,20 +79,19 @@ def tls_server(files: TLSFiles, *, client_certs: bool) -> RedisProcess:
             **({"ssl_certfile": str(files.client_cert)} if client_certs else {}),
         },
         name="tls",
+        binary=binary,
     )
     server.args[3] = str(server.port)
     try:
         return server.start()
-    except RuntimeError as exc:
+    except BaseException:
         server.cleanup()
-        if "tls" in str(exc).lower():
-            pytest.skip(f"this redis-server cannot serve TLS (built without it?): {str(exc)[-300:]}")
         raise
 
 
 @pytest.fixture
-def tls_redis(tls_files: TLSFiles) -> Iterator[RedisProcess]:
-    server = tls_server(tls_files, client_certs=False)
+def tls_redis(tls_files: TLSFiles, tls_binary: str) -> Iterator[RedisProcess]:
+    server = tls_server(tls_files, tls_binary, client_certs=False)
     try:
         yield server
     finally:
@@ -93,8 +99,8 @@ def tls_redis(tls_files: TLSFiles) -> Iterator[RedisProcess]:
 
 
 @pytest.fixture
-def tls_redis_client_auth(tls_files: TLSFiles) -> Iterator[RedisProcess]:
-    server = tls_server(tls_files, client_certs=True)
+def tls_redis_client_auth(tls_files: TLSFiles, tls_binary: str) -> Iterator[RedisProcess]:
+    server = tls_server(tls_files, tls_binary, client_certs=True)
     try:
         yield server
     finally:

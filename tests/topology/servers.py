@@ -55,8 +55,10 @@ class RedisProcess:
         port: int | None = None,
         client_kwargs: dict[str, Any] | None = None,
         name: str = "redis",
+        binary: str | None = None,
     ) -> None:
         self.port = port or free_port()
+        self.binary = binary  # None: redis_binary()
         self.args = list(args)
         self.client_kwargs = client_kwargs or {}
         self.name = name
@@ -66,7 +68,7 @@ class RedisProcess:
 
     def start(self, timeout: float = 10.0) -> Self:
         args = [
-            redis_binary(),
+            self.binary or redis_binary(),
             *self.args,
             "--bind",
             "127.0.0.1",

@@ -25,7 +25,8 @@ from tests.support import AuthServerProcess, token_keys
 from tests.topology.conftest import TLSFiles
 from tests.topology.servers import RedisProcess
 
-pytestmark = pytest.mark.slow
+# The first test may build a TLS-capable redis-server (tests/topology/tls_binary.py, about 25 s).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 TOKENS = "/v1/tokens/payments"
 

@@ -1,10 +1,11 @@
-"""The command line (spec §2, §6.2, §7.2): check-config exit codes and output, caller-key."""
+"""The command line (spec §2, §6.2, §7.2): check-config exit codes and output, caller-key, serve's port check."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,23 @@ def test_caller_key_rejects_a_name_that_cannot_be_a_toml_key() -> None:
     result = run("caller-key", "bad name]")
     assert result.returncode == 2
     assert "tbk_" not in result.stdout
+
+
+def test_serve_on_a_taken_port_says_so_in_one_line(tmp_path: Path) -> None:
+    """`serve` on a port something else listens on used to start an embedded Redis, then end in
+    uvicorn's bind error among log lines: now one line naming the port and how to pick another."""
+    path = tmp_path / "broker.toml"
+    path.write_text(VALID, encoding="utf-8")  # no [redis] url: serve would start an embedded Redis
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--config", str(path), "--host", "127.0.0.1", "--port", str(port))
+    assert result.returncode == 1
+    assert_no_traceback(result)
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line == (
+        f"error: port {port} on 127.0.0.1 is already in use: "
+        "choose another with --port N, [server] port or BROKER_SERVER_PORT"
+    )
