@@ -169,6 +169,10 @@ async def _probe(settings: Settings) -> int:
     async with new_http_client(settings.upstream) as http:
         client = UpstreamClient(http, settings.upstream, default_expires_in=settings.cache.default_expires_in)
         for credential in settings.credentials.values():
+            if not credential.default_scopes:
+                # a request naming no scope is refused (spec §4.8): there is nothing to probe with
+                print(f"probe {credential.name}: skipped, no default_scopes to ask for")
+                continue
             scope_set = " ".join(credential.default_scopes)
             try:
                 token = await client.fetch(credential, scope_set, time.monotonic() + 10)

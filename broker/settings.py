@@ -298,12 +298,17 @@ def _scope_list(reader: _Reader, table: Mapping[str, Any], name: str, key: str) 
         return ()
 
 
+# Variables in the override namespace that are not config keys: BROKER_REDIS_SERVER names the
+# embedded redis-server binary (broker/embedded_redis.py).
+_NOT_OVERRIDES = frozenset({"BROKER_REDIS_SERVER"})
+
+
 def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
     """BROKER_<SECTION>_<KEY> overrides [section] key for server, redis, cache and upstream."""
     for section in ("server", "redis", "cache", "upstream"):
         prefix = f"BROKER_{section.upper()}_"
         for name, value in env.items():
-            if name.startswith(prefix) and len(name) > len(prefix):
+            if name.startswith(prefix) and len(name) > len(prefix) and name not in _NOT_OVERRIDES:
                 table = data.setdefault(section, {})
                 if isinstance(table, dict):
                     table[name[len(prefix) :].lower()] = value

@@ -16,14 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from broker.store import token_key
 from tests.conftest import READ, WRITE, StartBrokers, auth
 from tests.fault.conftest import get_token, keys
-from tests.support import AuthServerProcess
+from tests.support import AuthServerProcess, token_keys
 
 pytestmark = pytest.mark.slow
 
-ONE_ATTEMPT = {"BROKER_UPSTREAM_MAX_ATTEMPTS": "1"}
+# One attempt per fetch; the refresh-ahead point late in the window, so no background refresh runs.
+ONE_ATTEMPT = {"BROKER_UPSTREAM_MAX_ATTEMPTS": "1", "BROKER_CACHE_REFRESH_AT": "0.95,0.99"}
 LEDGER = "/v1/tokens/ledger"  # the credential with an `issuer`: its token endpoint is discovered
 
 
@@ -39,11 +39,12 @@ def assert_invalid(response: httpx.Response, *words: str) -> None:
 
 
 async def warm(get: Callable[[], Awaitable[httpx.Response]], authserver: AuthServerProcess) -> str:
-    """A token with 60 s to live, older than a second: from now on min_ttl=3600 forces a fetch."""
-    authserver.configure(lifetime=60)
+    """A token of 8 s with less than half of it left, valid for ~1.7 s more: from now on
+    min_ttl=3600 forces a fetch (min_ttl asks for at most half a lifetime)."""
+    authserver.configure(lifetime=8)
     response = await get()
     assert response.status_code == 200, response.text
-    await asyncio.sleep(1.1)  # a token fetched under a second ago satisfies any min_ttl
+    await asyncio.sleep(4.3)
     token: str = response.json()["access_token"]
     return token
 
@@ -54,7 +55,8 @@ async def test_an_undecodable_token_answer_gives_the_cached_token_or_502_never_5
     """Defect: httpx.DecodingError (a 200 with `Content-Encoding: gzip` and a body that is not
     gzip) escaped UpstreamClient.fetch, skipped the `except UpstreamError` fallback in tokens.py and
     answered 500, although a valid token was cached; without one it was 500 instead of 502."""
-    (broker,) = start_brokers(write_config(), workers=1, env=ONE_ATTEMPT)
+    config = write_config()
+    (broker,) = start_brokers(config, workers=1, env=ONE_ATTEMPT)
     async with httpx.AsyncClient(base_url=broker.url, timeout=15, trust_env=False) as client:
         token = await warm(lambda: get_token(client, READ), authserver)
         authserver.configure(fault="bad_gzip")  # forever
@@ -67,7 +69,7 @@ async def test_an_undecodable_token_answer_gives_the_cached_token_or_502_never_5
             assert authserver.token_requests() == before + 1  # it did ask, and fell back
 
         assert_invalid(await get_token(client, WRITE), "Content-Encoding")  # nothing cached for it
-        assert keys(redis_url, "tb:*:tok:*") == [token_key("payments", READ)]
+        assert keys(redis_url, "tb:*:tok:*") == [token_keys(config, "payments", READ).token]
 
         authserver.configure(fault="none")
         assert (await get_token(client, WRITE)).status_code == 200

@@ -346,3 +346,29 @@ def test_non_utf8_config_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_huge_integer_is_a_config_problem() -> None:
     only_problem(config(cache={"skew_seconds": 10**400}), "cache.skew_seconds")
+
+
+def test_the_embedded_redis_binary_variable_is_not_a_config_override() -> None:
+    """Defect: BROKER_REDIS_SERVER, which the README gives for choosing the embedded redis-server
+    binary, was read as an override of a [redis] key `server` and stopped `serve` and `dev` with
+    "redis.server: unknown key"."""
+    settings = parse_settings(config(), {**ENV, "BROKER_REDIS_SERVER": "/usr/bin/redis-server"})
+    assert settings.redis.url is None
+    only_problem(config(), "redis.servr", {**ENV, "BROKER_REDIS_SERVR": "x"})  # a typo still is one
+
+
+def test_the_key_prefix_separates_deployments_and_is_checked() -> None:
+    assert parse_settings(config(), ENV).redis.key_prefix == "tb"
+    assert parse_settings(config(), {**ENV, "BROKER_REDIS_KEY_PREFIX": "tb-staging"}).redis.key_prefix == "tb-staging"
+    for bad in ("tb:x", "tb{x}", "x" * 33):
+        only_problem(config(redis={"key_prefix": bad}), "redis.key_prefix")
+
+
+@pytest.mark.parametrize("name", ["pay{ments}", "pay/ments", "pay ments", "x" * 65])
+def test_credential_and_caller_names_are_url_and_hash_tag_safe(name: str) -> None:
+    """A name with braces would break the per-credential hash tag of every key; one with a slash
+    or space could never be reached at /v1/tokens/{credential}."""
+    data = config()
+    data["credentials"][name] = data["credentials"]["payments"]
+    found = problems(data)
+    assert any(p.startswith(f"credentials.{name}: a credential name is") for p in found), found
