@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 
-from broker.events import HEARTBEAT_TIMEOUT
+from broker.events import HEARTBEAT_TIMEOUT, EventSubscriber
 from broker.store import EVENTS_CHANNEL
 from tests.conftest import READ, StartBrokers, auth
 from tests.fault.conftest import TOKENS, get_token, until
@@ -135,7 +136,8 @@ async def test_a_silently_dead_subscription_stops_l1_within_the_heartbeat_bound(
 async def test_a_partition_keeps_l1_serving_and_sharing_returns_after_it(proxy: TcpProxy, pair: Pair) -> None:
     """Every flow of A stops delivering, new ones too: Redis is unreachable for A, so availability
     wins and A keeps answering its L1 copy, with no error, through the heartbeat bound and after.
-    Once the partition heals, A subscribes again and follows B's replacements."""
+    Once the partition heals, A subscribes again and follows B's replacements. (A guard for the
+    Redis-unreachable rule: the code before the heartbeat passed it too.)"""
     token = await warm(pair, proxy)
     proxy.partition()
     ends = time.monotonic() + HEARTBEAT_TIMEOUT + 3.0
@@ -160,7 +162,8 @@ async def test_a_killed_subscription_connection_leaves_no_stale_copy(
 ) -> None:
     """The server closes A's subscription (CLIENT KILL), and A's resubscribe is held in the proxy
     while B replaces the token: the events go to nobody at A. A never answers the old token again:
-    not while resubscribing (it reads Redis) and not after (L1 starts afresh)."""
+    not while resubscribing (it reads Redis) and not after (L1 starts afresh). (A guard: the
+    broker's clients raise on the lost connection, so the code before the fix passed it too.)"""
     old = await warm(pair, proxy)
     (flow,) = proxy.subscribers()
     proxy.hold_subscriptions()
@@ -178,3 +181,33 @@ async def test_a_killed_subscription_connection_leaves_no_stale_copy(
 
         await until(both_subscribed, 10, "A subscribed again (A and B on the channel)")
     assert {await pair.token(pair.a) for _ in range(20)} == {new}
+
+
+TRANSPARENT_RESUBSCRIBE = (
+    "broker/events.py EventSubscriber._set_live: a subscribe confirmation while already live changes "
+    "nothing, so when redis-py re-subscribes by itself after a lost connection (its default client "
+    "retries the failed read: reconnect, replay SUBSCRIBE, no error raised), the owner is never told, "
+    "and L1 keeps copies that missed the events published meanwhile."
+)
+
+
+async def test_a_resubscribe_inside_redis_py_is_reported_as_a_new_subscription(redis_url: str) -> None:
+    """redis-py's default client (`Redis(host=…)`: 10 retries) reconnects and re-subscribes inside
+    get_message after CLIENT KILL, without raising. The broker's own clients do not retry (they
+    raise, and the subscriber reconnects itself), but the subscriber must not depend on that: every
+    confirmation is a new subscription, so its owner starts L1 afresh."""
+    target = urlsplit(redis_url)
+    client = aioredis.Redis(
+        host=target.hostname or "127.0.0.1", port=target.port or 6379, db=int(target.path.strip("/") or 0)
+    )
+    states: list[bool] = []
+    subscriber = EventSubscriber(client, EVENTS_CHANNEL, lambda event: None, states.append)
+    subscriber.start()
+    try:
+        assert await subscriber.wait_live(5)
+        with redis.Redis.from_url(redis_url) as direct:
+            assert direct.client_kill_filter(_type="pubsub") == 1
+        await until(lambda: len(states) > 1 and states[-1], 5, "the new subscription reported")
+    finally:
+        await subscriber.stop()
+        await client.aclose()
