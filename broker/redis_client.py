@@ -13,14 +13,16 @@ from the query (`?sentinel_password=…`). `tls_ca_file`, `tls_cert_file` and `t
 every TLS connection (data nodes and sentinels). A URL is only ever logged through `redact_url`.
 
 Every topology keeps the behaviour of the standalone client: a burst of commands waits (up to
-`pool_timeout`) for a connection instead of failing, and a server slower than the socket timeouts
-is treated as down. The Store only ever touches one key per command or script, and every key is
-hash-tagged by credential (`tb:{credential}:…`), so nothing here needs cross-slot support.
+`pool_timeout`) for a connection instead of failing, a server slower than the socket timeouts is
+treated as down, and every TCP connection has keepalive on. The Store only ever touches one key
+per command or script, and every key is hash-tagged by credential (`tb:{credential}:…`), so
+nothing here needs cross-slot support.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -61,6 +63,15 @@ POOL_TIMEOUT = 2.0  # how long a command waits for a free connection before coun
 SOCKET_CONNECT_TIMEOUT = 1.0  # a cache slower than this is treated as down: callers are served without it
 SOCKET_TIMEOUT = 1.0
 HEALTH_CHECK_INTERVAL = 10
+# TCP keepalive on every TCP connection: a connection idle for KEEPALIVE_IDLE seconds is probed
+# by the kernel, so a peer that vanished without a FIN or RST is noticed within
+# KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_PROBES = 25 s even with nothing in flight, and
+# middleboxes that forget idle flows (NAT, load balancers, firewalls: minutes) see traffic. The
+# events subscription has a heartbeat of its own (broker/events.py): this is its second line, and
+# the first for pooled command connections between uses.
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_PROBES = 3
 
 
 class PoolExhausted(RedisConnectionError):
@@ -204,6 +215,25 @@ _TIMEOUTS: dict[str, Any] = {
 }
 
 
+def _keepalive_options() -> dict[int, int]:
+    """The options this platform has (Linux all three; macOS names the idle time TCP_KEEPALIVE)."""
+    wanted = (
+        (("TCP_KEEPIDLE", "TCP_KEEPALIVE"), KEEPALIVE_IDLE),
+        (("TCP_KEEPINTVL",), KEEPALIVE_INTERVAL),
+        (("TCP_KEEPCNT",), KEEPALIVE_PROBES),
+    )
+    options: dict[int, int] = {}
+    for names, value in wanted:
+        option = next((getattr(socket, name) for name in names if hasattr(socket, name)), None)
+        if option is not None:
+            options[option] = value
+    return options
+
+
+# For TCP connections only: a unix-socket connection takes no keepalive arguments.
+_KEEPALIVE: dict[str, Any] = {"socket_keepalive": True, "socket_keepalive_options": _keepalive_options()}
+
+
 def connect(
     url: str,
     *,
@@ -241,6 +271,7 @@ def connect(
         timeout=POOL_TIMEOUT,
         health_check_interval=HEALTH_CHECK_INTERVAL,
         **_TIMEOUTS,
+        **({} if url.lower().startswith("unix:") else _KEEPALIVE),
         **tls,
     )
     return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
@@ -271,8 +302,9 @@ def _sentinel(target: RedisTarget, tls: dict[str, Any], max_connections: int) ->
     ssl = {"ssl": True, **tls} if target.tls else {}
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(target.nodes),
-        sentinel_kwargs={**_TIMEOUTS, **ssl, "password": target.sentinel_password},
+        sentinel_kwargs={**_TIMEOUTS, **_KEEPALIVE, **ssl, "password": target.sentinel_password},
         **_TIMEOUTS,
+        **_KEEPALIVE,
     )
     client = sentinel.master_for(
         cast(str, target.service),
@@ -327,5 +359,6 @@ def _cluster(target: RedisTarget, tls: dict[str, Any], max_connections: int) -> 
         health_check_interval=HEALTH_CHECK_INTERVAL,
         ssl=target.tls,
         **_TIMEOUTS,
+        **_KEEPALIVE,
         **tls,
     )
