@@ -207,6 +207,10 @@ class TokenService:
         since = self.l1.mark()
         try:
             entry = await _within(deadline, self.store.get(keys))
+            if not self.l1_enabled:
+                # Redis answers but the events subscription is down: copies kept from before may
+                # have missed events, and must not become servable if Redis goes away next.
+                self.l1.clear()
         except StoreUnavailable:
             entry = self.l1.get(key)
         except StoreBusy as exc:

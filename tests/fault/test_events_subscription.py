@@ -21,13 +21,15 @@ import redis
 import redis.asyncio as aioredis
 
 from broker.events import HEARTBEAT_TIMEOUT, EventSubscriber
-from broker.store import EVENTS_CHANNEL
+from broker.store import Keys
 from tests.conftest import READ, StartBrokers, auth
 from tests.fault.conftest import TOKENS, get_token, until
 from tests.fault.tcp_proxy import TcpProxy
 from tests.support import BrokerProcess
 
 pytestmark = pytest.mark.slow
+
+EVENTS_CHANNEL = Keys().events
 
 # How long A may keep serving a copy that missed an event: the heartbeat bound, plus the
 # reconnect and a loaded machine. The code before the fix served it for as long as it was valid.
@@ -74,8 +76,10 @@ class Pair:
 async def pair(
     proxy: TcpProxy, redis_url: str, write_fault_config: Callable[..., Path], start_brokers: StartBrokers
 ) -> AsyncIterator[Pair]:
-    (a,) = start_brokers(write_fault_config(proxied_url(proxy, redis_url), name="a.toml"), workers=1)
-    (b,) = start_brokers(write_fault_config(redis_url, name="b.toml"), workers=1)
+    # tokens here are replaced within seconds of each other: no throttle on reports of young tokens
+    env = {"BROKER_CACHE_INVALIDATE_MIN_INTERVAL_SECONDS": "0"}
+    (a,) = start_brokers(write_fault_config(proxied_url(proxy, redis_url), name="a.toml"), workers=1, env=env)
+    (b,) = start_brokers(write_fault_config(redis_url, name="b.toml"), workers=1, env=env)
     both = Pair(a, b)
     yield both
     await both.aclose()

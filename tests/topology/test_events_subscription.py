@@ -22,11 +22,13 @@ import pytest
 from broker import redis_client
 from broker.events import HEARTBEAT_TIMEOUT, Event, EventSubscriber
 from broker.redis_client import KEEPALIVE_IDLE
-from broker.store import EVENTS_CHANNEL
+from broker.store import Keys
 from tests.fault.conftest import until
 from tests.topology.servers import RedisProcess, servers, start_cluster, start_sentinel_group
 
 pytestmark = pytest.mark.slow
+
+EVENTS_CHANNEL = Keys().events
 
 _USER_HZ = 100  # /proc/net/tcp gives timers in clock ticks
 
