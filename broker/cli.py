@@ -1,4 +1,4 @@
-"""The `token-broker` command: serve, dev, check-config, caller-key. Entry points only."""
+"""The `token-broker` command: serve, dev, check-config, caller-key, encryption-key, rotate-key. Entry points only."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from broker.embedded_redis import EmbeddedRedis, RedisServerNotFound, free_port
 from broker.errors import ConfigError, UpstreamError
 from broker.logs import configure_logging
 from broker.settings import Settings, load_settings
+from broker.vault.keyring import new_key
 
 __all__ = ["main"]
 
@@ -141,9 +142,20 @@ def _serve(settings: Settings, config_path: str, host: str, port: int, workers: 
     return 0
 
 
+_NO_KEY = (
+    "config error: vault.encryption_keys: no encryption key: set BROKER_ENCRYPTION_KEYS or [vault]"
+    " encryption_keys_file (`token-broker encryption-key` prints one), or start with --insecure-plaintext-cache"
+)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging()
     settings = _load(args.config)
+    if settings.keyring is None:
+        if not args.insecure_plaintext_cache:
+            print(_NO_KEY, file=sys.stderr)
+            return EXIT_CONFIG
+        print("config warning: tokens and refusals are stored in Redis in plaintext", file=sys.stderr)
     return _serve(
         settings,
         args.config or os.environ["BROKER_CONFIG"],
@@ -237,6 +249,53 @@ def _start_demo_authserver(client_secret: str) -> str:
     return issuer
 
 
+def cmd_encryption_key(args: argparse.Namespace) -> int:
+    if not re.fullmatch(r"[A-Za-z0-9_\-]{1,32}", args.kid):
+        print("error: a key id is 1-32 letters, digits, '_' or '-'", file=sys.stderr)
+        return EXIT_CONFIG
+    print("# A new AES-256 key. Put it first in BROKER_ENCRYPTION_KEYS (or the keys file) to encrypt with it;")
+    print("# keep the old ones after it until `token-broker rotate-key` has run.")
+    print(f"{args.kid}:{new_key()}")
+    return 0
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    """Re-seal everything stored under the first key, so the others can be dropped (spec §6.1)."""
+    settings = _load(args.config)
+    if settings.keyring is None:
+        print(_NO_KEY.replace(", or start with --insecure-plaintext-cache", ""), file=sys.stderr)
+        return EXIT_CONFIG
+    if settings.redis.url is None:
+        print("error: rotate-key needs [redis] url (an embedded Redis keeps nothing)", file=sys.stderr)
+        return EXIT_CONFIG
+    return asyncio.run(_rotate(settings))
+
+
+async def _rotate(settings: Settings) -> int:
+    from broker.entries import Codec  # noqa: PLC0415
+    from broker.errors import StoreUnavailable  # noqa: PLC0415
+    from broker.store import Store, connect  # noqa: PLC0415
+
+    assert settings.redis.url is not None  # noqa: S101 - checked by the caller
+    redis = connect(
+        settings.redis.url,
+        tls_ca_file=settings.redis.tls_ca_file,
+        tls_cert_file=settings.redis.tls_cert_file,
+        tls_key_file=settings.redis.tls_key_file,
+    )
+    try:
+        store = Store(redis, prefix=settings.redis.key_prefix, codec=Codec(settings.keyring))
+        rewrapped, seen = await store.rewrap_all()
+    except StoreUnavailable as exc:
+        print(f"error: {exc.description}", file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
+    primary = settings.keyring.primary if settings.keyring else "-"
+    print(f"rotate-key: {rewrapped} of {seen} stored value(s) re-sealed under key {primary!r}")
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     if (problem := _port_problem("127.0.0.1", args.port)) is not None:
         print(
@@ -248,6 +307,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     configure_logging()
     client_secret = secrets.token_urlsafe(24)
     os.environ["TB_DEMO_CLIENT_SECRET"] = client_secret
+    # An ephemeral key: the demo's Redis goes away with it, and so does everything sealed with it.
+    os.environ.setdefault("BROKER_ENCRYPTION_KEYS", f"dev:{new_key()}")
     # Every exit (stop, SIGTERM, Ctrl-C, a failure to start) stops the Redis and removes the directory.
     with contextlib.ExitStack() as cleanup:
         try:
@@ -293,7 +354,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, help="uvicorn worker processes sharing one Redis")
+    serve.add_argument(
+        "--insecure-plaintext-cache",
+        action="store_true",
+        help="start without an encryption key: tokens are stored in Redis in plaintext",
+    )
     serve.set_defaults(func=cmd_serve)
+
+    rotate = sub.add_parser("rotate-key", help="re-seal everything stored in Redis under the first encryption key")
+    rotate.add_argument("--config", help="config file (default: $BROKER_CONFIG)")
+    rotate.set_defaults(func=cmd_rotate_key)
+
+    enc = sub.add_parser("encryption-key", help="print a new encryption key (kid:base64)")
+    enc.add_argument("kid", nargs="?", default="k1", help="its key id (default k1)")
+    enc.set_defaults(func=cmd_encryption_key)
 
     dev = sub.add_parser("dev", help="run a demo: embedded Redis, demo authorization server, demo caller")
     dev.add_argument("--port", type=int, default=8080)

@@ -5,15 +5,21 @@ A token's times are this process's `time.monotonic()` values, never another host
 so no replica judges freshness by a clock it does not share. The stored form keeps durations
 relative to the fetch:
 
-    v2|<fence>|<fingerprint>|<window ms>|{"t": token, "s": scope, "l": life, "r": refresh, "e": expires_at}
+    v3|<fence>|<fingerprint>|<window ms>|<kid>.<sealed payload>      encrypted (spec §6.1)
+    v2|<fence>|<fingerprint>|<window ms>|<payload>                   --insecure-plaintext-cache
+
+    payload = {"t": token, "s": scope, "l": life, "r": refresh, "e": expires_at}
 
 `fence` orders writes (it comes with the fetch lock, spec §4.4); `window` is the cached window
 (the key's TTL when written); `l` the token's lifetime and `r` its refresh-ahead point, in ms
 from the fetch. `e`, the writer's wall-clock expiry, is only for what callers are told
 (`expires_at`: the same string from every worker); `expires_in` comes from the monotonic bound.
 The fence, fingerprint and window stay readable in front of the payload so the Lua scripts need
-no JSON (and, once payloads are encrypted, no key). A tombstone (`v2|<fence>|-|0|`) keeps the
-fence of a dropped token for as long as the token would have been cached.
+neither JSON nor the key; they are also the associated data of the encryption, with the Redis
+key, so a value copied to another key or with an edited field does not decrypt. A tombstone
+(`v2|<fence>|-|0|`) keeps the fence of a dropped token for as long as the token would have been
+cached. With encryption on, plaintext values are not trusted: a Redis client that can write
+cannot plant a token. Fingerprints are HMACs under a key derived from the encryption key.
 """
 
 from __future__ import annotations
@@ -22,14 +28,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-__all__ = ["TOMBSTONE_FP", "CachedToken", "Rejection", "fingerprint"]
+from broker.vault.keyring import KeyRing
 
-VERSION = "v2"
+__all__ = ["TOMBSTONE_FP", "CachedToken", "Codec", "Rejection", "fingerprint"]
+
+PLAIN, SEALED = "v2", "v3"
 TOMBSTONE_FP = "-"
 
 
 def fingerprint(access_token: str) -> str:
-    """A short, non-reversible name for a token: safe for logs, events and audit."""
+    """A short, non-reversible name for a token, without an encryption key (plaintext mode)."""
     return hashlib.sha256(access_token.encode()).hexdigest()[:16]
 
 
@@ -56,48 +64,6 @@ class CachedToken:
     def lifetime(self) -> float:
         return self.expires - self.fetched_at
 
-    def encode(self) -> bytes:
-        body = json.dumps(
-            {
-                "t": self.access_token,
-                "s": self.scope,
-                "l": _ms(self.expires - self.fetched_at),
-                "r": _ms(self.refresh_at - self.fetched_at),
-                "e": self.expires_at,
-            },
-            separators=(",", ":"),
-        )
-        window = _ms(self.fresh_until - self.fetched_at)
-        return f"{VERSION}|{self.fence}|{self.fingerprint}|{window}|{body}".encode()
-
-    @classmethod
-    def decode(cls, raw: bytes, pttl_ms: int, read_at: float) -> CachedToken | None:
-        """The entry as of a read sent at monotonic `read_at` that found `raw` with `pttl_ms` left
-        on its key. None for a tombstone or anything unreadable."""
-        try:
-            version, fence, fp, window, body = raw.decode().split("|", 4)
-            if version != VERSION or fp == TOMBSTONE_FP or pttl_ms <= 0:
-                return None
-            d = json.loads(body)
-            # The key expires when the cached window ends: measured from when we asked, that
-            # bound is conservative, and it is ours, whatever the writer's clock said.
-            fresh_until = read_at + pttl_ms / 1000
-            fetched_at = fresh_until - int(window) / 1000
-            expires = fetched_at + int(d["l"]) / 1000
-            return cls(
-                access_token=str(d["t"]),
-                scope=str(d["s"]),
-                expires_at=float(d["e"]),
-                expires=expires,
-                fresh_until=fresh_until,
-                refresh_at=fetched_at + int(d["r"]) / 1000,
-                fetched_at=fetched_at,
-                fingerprint=fp,
-                fence=int(fence),
-            )
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
-            return None  # unreadable entries are treated as a miss and overwritten
-
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
@@ -107,13 +73,136 @@ class Rejection:
     upstream_error: str | None
     upstream_status: int
 
-    def encode(self) -> bytes:
-        return json.dumps({"d": self.description, "e": self.upstream_error, "s": self.upstream_status}).encode()
 
-    @classmethod
-    def decode(cls, raw: bytes) -> Rejection | None:
+class Codec:
+    """Stored forms of entries, sealed with the key ring (or plaintext without one)."""
+
+    def __init__(self, keyring: KeyRing | None) -> None:
+        self.keyring = keyring
+
+    def fingerprint(self, access_token: str) -> str:
+        return self.keyring.fingerprint(access_token) if self.keyring else fingerprint(access_token)
+
+    def fingerprints(self, access_token: str) -> list[str]:
+        """Under every key of the ring: another worker may have stored one made under another."""
+        return self.keyring.fingerprints(access_token) if self.keyring else [fingerprint(access_token)]
+
+    # -- tokens -----------------------------------------------------------------------------------
+
+    def encode_token(self, entry: CachedToken, key: str) -> bytes:
+        payload = json.dumps(
+            {
+                "t": entry.access_token,
+                "s": entry.scope,
+                "l": _ms(entry.expires - entry.fetched_at),
+                "r": _ms(entry.refresh_at - entry.fetched_at),
+                "e": entry.expires_at,
+            },
+            separators=(",", ":"),
+        )
+        window = _ms(entry.fresh_until - entry.fetched_at)
+        if self.keyring is None:
+            return f"{PLAIN}|{entry.fence}|{entry.fingerprint}|{window}|{payload}".encode()
+        head = f"{SEALED}|{entry.fence}|{entry.fingerprint}|{window}"
+        return f"{head}|{self.keyring.seal(payload.encode(), _aad(key, head))}".encode()
+
+    def decode_token(self, raw: bytes, key: str, pttl_ms: int, read_at: float) -> CachedToken | None:
+        """The entry as of a read sent at monotonic `read_at` that found `raw` with `pttl_ms` left
+        on its key. None for a tombstone, a value that does not decrypt, or anything unreadable."""
         try:
-            d = json.loads(raw)
-            return cls(description=str(d["d"]), upstream_error=d["e"], upstream_status=int(d["s"]))
-        except (ValueError, KeyError, TypeError, RecursionError):
+            version, fence, fp, window, body = raw.decode().split("|", 4)
+            if fp == TOMBSTONE_FP or pttl_ms <= 0:
+                return None
+            payload = self._open(version, f"{version}|{fence}|{fp}|{window}", body, key)
+            if payload is None:
+                return None
+            d = json.loads(payload)
+            # The key expires when the cached window ends: measured from when we asked, that
+            # bound is conservative, and it is ours, whatever the writer's clock said.
+            fresh_until = read_at + pttl_ms / 1000
+            fetched_at = fresh_until - int(window) / 1000
+            return CachedToken(
+                access_token=str(d["t"]),
+                scope=str(d["s"]),
+                expires_at=float(d["e"]),
+                expires=fetched_at + int(d["l"]) / 1000,
+                fresh_until=fresh_until,
+                refresh_at=fetched_at + int(d["r"]) / 1000,
+                fetched_at=fetched_at,
+                fingerprint=fp,
+                fence=int(fence),
+            )
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+            return None  # unreadable entries are treated as a miss and overwritten
+
+    def rewrap(self, raw: bytes, key: str) -> bytes | None:
+        """`raw` sealed under the primary key (`token-broker rotate-key`), or None when it is
+        already, is a tombstone, or cannot be opened (left to expire as a miss)."""
+        if self.keyring is None:
             return None
+        text = raw.decode(errors="replace")
+        if ":tok:" in key:
+            parts = text.split("|", 4)
+            if len(parts) < 5 or parts[2] == TOMBSTONE_FP or self._is_current(parts[0], parts[4]):
+                return None
+            payload = self._open(parts[0], "|".join(parts[:4]), parts[4], key)
+            if payload is None:
+                return None
+            fp = self.keyring.fingerprint(str(json.loads(payload)["t"]))  # re-made under the primary too
+            head = f"{SEALED}|{parts[1]}|{fp}|{parts[3]}"
+            return f"{head}|{self.keyring.seal(payload.encode(), _aad(key, head))}".encode()
+        version, _, body = text.partition("|")
+        if self._is_current(version, body):
+            return None
+        opened = self.open(raw, key)
+        return self.seal(opened, key) if opened is not None else None
+
+    def _is_current(self, version: str, body: str) -> bool:
+        return self.keyring is not None and version == SEALED and not self.keyring.needs_rewrap(body)
+
+    # -- refusals ---------------------------------------------------------------------------------
+
+    def encode_rejection(self, rejection: Rejection, key: str) -> bytes:
+        fields = {"d": rejection.description, "e": rejection.upstream_error, "s": rejection.upstream_status}
+        payload = json.dumps(fields)
+        if self.keyring is None:
+            return f"{PLAIN}|{payload}".encode()
+        return f"{SEALED}|{self.keyring.seal(payload.encode(), _aad(key, SEALED))}".encode()
+
+    def decode_rejection(self, raw: bytes, key: str) -> Rejection | None:
+        try:
+            version, body = raw.decode().split("|", 1)
+            payload = self._open(version, version, body, key)
+            if payload is None:
+                return None
+            d = json.loads(payload)
+            return Rejection(description=str(d["d"]), upstream_error=d["e"], upstream_status=int(d["s"]))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+            return None
+
+    # -- any sealed document (the vault's) --------------------------------------------------------
+
+    def seal(self, payload: bytes, key: str) -> bytes:
+        if self.keyring is None:
+            return f"{PLAIN}|".encode() + payload
+        return f"{SEALED}|{self.keyring.seal(payload, _aad(key, SEALED))}".encode()
+
+    def open(self, raw: bytes, key: str) -> bytes | None:
+        try:
+            version, body = raw.decode().split("|", 1)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        payload = self._open(version, version, body, key)
+        return payload.encode() if payload is not None else None
+
+    def _open(self, version: str, head: str, body: str, key: str) -> str | None:
+        if self.keyring is None:
+            return body if version == PLAIN else None  # a sealed value needs the key
+        if version != SEALED:
+            return None  # plaintext is not trusted once values are encrypted
+        opened = self.keyring.open(body, _aad(key, head))
+        return opened.decode() if opened is not None else None
+
+
+def _aad(key: str, head: str) -> bytes:
+    return f"{key}|{head}".encode()

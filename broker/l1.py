@@ -60,8 +60,8 @@ class L1Cache:
             return True
         if len(events) == events.maxlen and events[0][0] > since + 1:
             return False  # some events since `since` were forgotten
-        # Not current: a drop of this token, or a write of another one, since the copy was taken.
-        return not any(mark > since and (fp == entry.fingerprint) == (op == "drop") for mark, op, fp in events)
+        # Not current: a drop, or a write of another token, since the copy was taken.
+        return not any(mark > since and (op == "drop" or fp != entry.fingerprint) for mark, op, fp in events)
 
     def put(self, key: str, entry: CachedToken, since: int | None = None) -> None:
         if since is not None and not self._still_current(key, entry, since):

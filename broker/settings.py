@@ -23,6 +23,7 @@ from broker import redis_client
 from broker import scopes as scopes_mod
 from broker.errors import ConfigError, InvalidRequest
 from broker.secret import Secret
+from broker.vault.keyring import KeyRing, KeyRingError
 
 __all__ = [
     "AUTH_METHODS",
@@ -33,6 +34,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "UpstreamSettings",
+    "VaultSettings",
     "load_settings",
 ]
 
@@ -94,6 +96,11 @@ class UpstreamSettings:
 
 
 @dataclass(frozen=True)
+class VaultSettings:
+    encryption_keys_file: str | None = None  # `kid:key,…`; BROKER_ENCRYPTION_KEYS takes precedence
+
+
+@dataclass(frozen=True)
 class CredentialSettings:
     name: str
     client_id: str
@@ -137,9 +144,11 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    vault: VaultSettings = field(default_factory=VaultSettings)
     credentials: Mapping[str, CredentialSettings] = field(default_factory=dict)
     callers: Mapping[str, CallerSettings] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    keyring: KeyRing | None = None  # None: no encryption key given (plaintext only with the insecure flag)
 
 
 def redact_url(url: str | None) -> str | None:
@@ -305,7 +314,7 @@ _NOT_OVERRIDES = frozenset({"BROKER_REDIS_SERVER"})
 
 def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
     """BROKER_<SECTION>_<KEY> overrides [section] key for server, redis, cache and upstream."""
-    for section in ("server", "redis", "cache", "upstream"):
+    for section in ("server", "redis", "cache", "upstream", "vault"):
         prefix = f"BROKER_{section.upper()}_"
         for name, value in env.items():
             if name.startswith(prefix) and len(name) > len(prefix) and name not in _NOT_OVERRIDES:
@@ -403,6 +412,26 @@ def _cache(r: _Reader, t: Mapping[str, Any]) -> CacheSettings:
     if not 0 < low <= high < 1:
         r.problem("cache.refresh_at", f"must satisfy 0 < low <= high < 1, got [{low}, {high}]")
     return c
+
+
+def _keyring(r: _Reader, vault: VaultSettings, env: Mapping[str, str]) -> KeyRing | None:
+    """The encryption keys (spec §6.1), from BROKER_ENCRYPTION_KEYS or [vault] encryption_keys_file."""
+    key = "BROKER_ENCRYPTION_KEYS"
+    text = env.get(key)
+    if not text and vault.encryption_keys_file:
+        key = "vault.encryption_keys_file"
+        try:
+            text = Path(vault.encryption_keys_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            r.problem(key, f"cannot read {vault.encryption_keys_file}: {exc.strerror or exc}")
+            return None
+    if not text:
+        return None
+    try:
+        return KeyRing.parse(text)
+    except KeyRingError as exc:
+        r.problem(key, str(exc))
+        return None
 
 
 def _upstream(r: _Reader, t: Mapping[str, Any]) -> UpstreamSettings:
@@ -508,11 +537,13 @@ def parse_settings(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
     """Validate a parsed TOML document (with env overrides applied to it)."""
     _env_overrides(data, env)
     r = _Reader(env)
-    r.unknown(data, {"server", "redis", "cache", "upstream", "credentials", "callers"}, "config")
+    r.unknown(data, {"server", "redis", "cache", "upstream", "vault", "credentials", "callers"}, "config")
     server = _server(r, r.table(data, "server", "server"))
     redis = _redis(r, r.table(data, "redis", "redis"))
     cache = _cache(r, r.table(data, "cache", "cache"))
     upstream = _upstream(r, r.table(data, "upstream", "upstream"))
+    vault = _section(r, r.table(data, "vault", "vault"), VaultSettings, "vault")
+    keyring = _keyring(r, vault, env)
     raw_credentials = r.table(data, "credentials", "credentials")
     credentials: dict[str, CredentialSettings] = {}
     for name, table in raw_credentials.items():
@@ -549,9 +580,11 @@ def parse_settings(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
         redis=redis,
         cache=cache,
         upstream=upstream,
+        vault=vault,
         credentials=credentials,
         callers=callers,
         warnings=tuple(r.warnings),
+        keyring=keyring,
     )
 
 

@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.clock import Clock, SystemClock
-from broker.entries import CachedToken, Rejection
+from broker.entries import CachedToken, Codec, Rejection
 from broker.errors import StoreBusy, StoreUnavailable
 from broker.redis_client import (
     PoolExhausted,
@@ -105,7 +105,7 @@ return {v, redis.call('PTTL', KEYS[1])}
 _PUT = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  local f = tonumber(string.match(cur, '^v2|(%d+)|'))
+  local f = tonumber(string.match(cur, '^v%d|(%d+)|'))
   if f and f > tonumber(ARGV[1]) then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -128,7 +128,7 @@ end
 local n = redis.call('INCR', KEYS[2])
 local cur = redis.call('GET', KEYS[3])
 if cur then
-  local f = tonumber(string.match(cur, '^v2|(%d+)|'))
+  local f = tonumber(string.match(cur, '^v%d|(%d+)|'))
   if f and f >= n then
     n = f + 1
     redis.call('SET', KEYS[2], n)
@@ -139,24 +139,38 @@ redis.call('SET', KEYS[1], ARGV[1] .. '|' .. n, 'PX', ARGV[2])
 return n
 """
 
-# Drop only the token that was reported, so a report about a replaced token is a no-op. The drop
-# leaves a tombstone with the token's fence (a late write from an older lock cannot come back)
-# for as long as the token would have been cached. A token younger than ARGV[3] ms is not dropped
-# again while an earlier drop of the key is that recent (a report loop cannot drive fetches).
+# Drop only the token that was reported (its fingerprint is one of ARGV[3..], one per encryption
+# key), so a report about a replaced token is a no-op. The drop leaves a tombstone with the
+# token's fence (a late write from an older lock cannot come back) for as long as the token would
+# have been cached. A token younger than ARGV[2] ms is not dropped again while an earlier drop of
+# the key is that recent (a report loop cannot drive fetches).
 # Returns the dropped token's fence, 0 for "not the stored token", -1 for "too soon".
 _DROP_IF = """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
-local f, fp, window = string.match(cur, '^v2|(%d+)|([^|]+)|(%d+)|')
-if fp ~= ARGV[1] then return 0 end
+local f, fp, window = string.match(cur, '^v%d|(%d+)|([^|]+)|(%d+)|')
+local reported = false
+for i = 3, #ARGV do
+  if fp == ARGV[i] then reported = true end
+end
+if not reported then return 0 end
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl < 1 then return 0 end
-local min_age = tonumber(ARGV[3])
+local min_age = tonumber(ARGV[2])
 if tonumber(window) - pttl < min_age and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 redis.call('SET', KEYS[1], 'v2|' .. f .. '|-|0|', 'PX', pttl)
 if min_age > 0 then redis.call('SET', KEYS[2], '1', 'PX', min_age) end
-redis.call('PUBLISH', ARGV[2], 'drop|' .. fp .. '|' .. KEYS[1])
+redis.call('PUBLISH', ARGV[1], 'drop|' .. fp .. '|' .. KEYS[1])
 return tonumber(f)
+"""
+
+# rotate-key: replace a value only if nobody changed it meanwhile, keeping its TTL.
+_REWRAP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  return 1
+end
+return 0
 """
 
 _RELEASE = """
@@ -182,11 +196,13 @@ class Store:
         redis: aioredis.Redis,
         *,
         prefix: str = DEFAULT_PREFIX,
+        codec: Codec | None = None,
         clock: Clock | None = None,
         retry_after: float = 1.0,
     ) -> None:
         self.redis = redis
         self.keys = Keys(prefix)
+        self.codec = codec or Codec(None)
         self.clock = clock or SystemClock()
         self.retry_after = retry_after
         self.reachable = True
@@ -197,6 +213,7 @@ class Store:
         self._drop_if = redis.register_script(_DROP_IF)
         self._release = redis.register_script(_RELEASE)
         self._renew = redis.register_script(_RENEW)
+        self._rewrap = redis.register_script(_REWRAP)
 
     async def _call(self, command: Callable[..., Awaitable[Any]], *args: Any, probe: bool = False, **kw: Any) -> Any:
         if not probe and not self.reachable and time.monotonic() < self._down_until:
@@ -250,7 +267,7 @@ class Store:
         if not found:
             return None
         raw, pttl = found
-        return CachedToken.decode(raw, int(pttl), read_at)
+        return self.codec.decode_token(raw, keys.token, int(pttl), read_at)
 
     async def put(self, keys: TokenKeys, entry: CachedToken) -> bool:
         """Store `entry` (TTL: what is left of its cached window) unless the stored value was
@@ -258,13 +275,13 @@ class Store:
         ttl_ms = int((entry.fresh_until - self.clock.monotonic()) * 1000)
         if ttl_ms < 1:
             return False
-        args = [entry.fence, entry.encode(), ttl_ms, self.keys.events, entry.fingerprint]
+        args = [entry.fence, self.codec.encode_token(entry, keys.token), ttl_ms, self.keys.events, entry.fingerprint]
         return bool(await self._call(self._put, keys=[keys.token], args=args))
 
-    async def drop_if(self, keys: TokenKeys, fp: str, min_interval: float) -> int:
-        """Drop the stored token if its fingerprint is `fp` → its fence; 0 if another token (or
+    async def drop_if(self, keys: TokenKeys, access_token: str, min_interval: float) -> int:
+        """Drop the stored token if it is `access_token` → its fence; 0 if another token (or
         none) is stored; -1 if it is too young to drop again so soon after the last drop."""
-        args = [fp, self.keys.events, int(min_interval * 1000)]
+        args = [self.keys.events, int(min_interval * 1000), *self.codec.fingerprints(access_token)]
         return int(await self._call(self._drop_if, keys=[keys.token, keys.invalidated], args=args))
 
     # -- the fetch lock ---------------------------------------------------------------------------
@@ -286,8 +303,27 @@ class Store:
     # -- refusals ---------------------------------------------------------------------------------
 
     async def put_rejection(self, keys: TokenKeys, rejection: Rejection, ttl_seconds: float) -> None:
-        await self._call(self.redis.set, keys.refusal, rejection.encode(), px=max(1, int(ttl_seconds * 1000)))
+        value = self.codec.encode_rejection(rejection, keys.refusal)
+        await self._call(self.redis.set, keys.refusal, value, px=max(1, int(ttl_seconds * 1000)))
 
     async def get_rejection(self, keys: TokenKeys) -> Rejection | None:
         raw = await self._call(self.redis.get, keys.refusal)
-        return Rejection.decode(raw) if raw else None
+        return self.codec.decode_rejection(raw, keys.refusal) if raw else None
+
+    # -- encryption keys --------------------------------------------------------------------------
+
+    async def rewrap_all(self) -> tuple[int, int]:
+        """Seal every stored value under the primary key → (values re-sealed, values seen)."""
+        rewrapped = seen = 0
+        async for name in self.redis.scan_iter(match=f"{self.keys.prefix}:*", count=500):
+            key = name.decode() if isinstance(name, bytes) else str(name)
+            if ":lock:" in key or ":fence:" in key or ":inv:" in key:
+                continue
+            raw = await self._call(self.redis.get, key)
+            if not raw:
+                continue
+            seen += 1
+            fresh = self.codec.rewrap(raw, key)
+            if fresh is not None and await self._call(self._rewrap, keys=[key], args=[raw, fresh]):
+                rewrapped += 1
+        return rewrapped, seen

@@ -11,6 +11,7 @@ beats any error, the deadline's included. Freshness is judged on this process's 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,7 @@ from typing import Literal, TypeVar
 import structlog
 
 from broker.clock import Clock, SystemClock
-from broker.entries import CachedToken, fingerprint
+from broker.entries import CachedToken
 from broker.errors import (
     BrokerError,
     StoreBusy,
@@ -138,8 +139,10 @@ class TokenService:
     def on_event(self, event: Event) -> None:
         self.l1.changed(event.key, event.op, event.fingerprint)
         cached = self.l1.peek(event.key)
-        # "set": another token replaced ours; "drop": ours was invalidated
-        if cached is not None and (cached.fingerprint == event.fingerprint) == (event.op == "drop"):
+        # "set": another token replaced ours. "drop": the stored token was invalidated; ours is
+        # dropped whatever its fingerprint says (during a key rotation, fingerprints made under
+        # different keys do not match, and a drop is rare enough to refetch for).
+        if cached is not None and (event.op == "drop" or cached.fingerprint != event.fingerprint):
             self.l1.drop(event.key)
         self.distributed.notify(event)
 
@@ -298,7 +301,7 @@ class TokenService:
             fresh_until=issued + window,
             refresh_at=issued + self.rng.uniform(low, high) * window,
             fetched_at=now,
-            fingerprint=fingerprint(fetched.access_token),
+            fingerprint=self.store.codec.fingerprint(fetched.access_token),
             fence=fence,
         )
 
@@ -369,12 +372,11 @@ class TokenService:
     async def invalidate(self, credential: CredentialSettings, scope_set: str, access_token: str) -> Invalidation:
         """Drop the cached token only if it is the one reported; then refresh it in the background."""
         keys = self.keys_for(credential, scope_set)
-        fp = fingerprint(access_token)
         cached = self.l1.peek(keys.token)
-        if cached is not None and cached.fingerprint == fp:
+        if cached is not None and hmac.compare_digest(cached.access_token, access_token):
             self.l1.drop(keys.token)
         try:
-            fence = await self.store.drop_if(keys, fp, self.cache.invalidate_min_interval_seconds)
+            fence = await self.store.drop_if(keys, access_token, self.cache.invalidate_min_interval_seconds)
         except (StoreUnavailable, StoreBusy):
             # The local copy is gone already; the shared one expires on its own or is replaced by
             # the next report once Redis answers. The caller's answer is the same either way.
@@ -383,7 +385,7 @@ class TokenService:
             return "throttled"
         if fence == 0:
             return "not_current"
-        gone = CachedToken("", "", 0.0, 0.0, 0.0, 0.0, 0.0, fp, fence=fence)
+        gone = CachedToken("", "", 0.0, 0.0, 0.0, 0.0, 0.0, "-", fence=fence)
         self._backoff.pop(keys.token, None)
         self._refresh_ahead(credential, scope_set, keys, gone)
         return "dropped"

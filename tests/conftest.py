@@ -23,11 +23,14 @@ from broker.api import create_app
 from broker.callers import hash_key, new_caller_key
 from broker.embedded_redis import EmbeddedRedis
 from broker.settings import Settings, load_settings
+from broker.vault.keyring import new_key
 from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess, BrokerProcess, kill_tree
 
 # Keys for the callers every test config declares.
 CALLER_KEYS = {"billing": new_caller_key(), "reporting": new_caller_key()}
 SECRET_ENV = "TB_TEST_CLIENT_SECRET"
+# Every broker of the suite encrypts what it stores (spec §6.1), as `serve` requires.
+ENCRYPTION_KEYS = f"suite:{new_key()}"
 READ, WRITE, ADMIN = "urn:test:claims.read", "urn:test:claims.write", "urn:test:admin"
 
 
@@ -112,6 +115,7 @@ def _reset_logging() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _client_secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SECRET_ENV, CLIENT_SECRET)
+    monkeypatch.setenv("BROKER_ENCRYPTION_KEYS", ENCRYPTION_KEYS)
 
 
 def config_text(redis_url: str, authserver: AuthServerProcess, extra: str = "") -> str:

@@ -18,9 +18,10 @@ import httpx
 import redis
 
 from broker.embedded_redis import terminate
-from broker.entries import CachedToken
+from broker.entries import CachedToken, Codec
 from broker.settings import Settings, load_settings
 from broker.store import Keys, TokenKeys
+from broker.vault.keyring import KeyRing
 from tests.authserver import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -57,12 +58,14 @@ def token_keys(config: Path | Settings, credential: str, scope_set: str) -> Toke
 
 
 def stored_token(redis_url: str, keys: TokenKeys) -> CachedToken | None:
-    """The token stored under `keys`, read as a broker would (value and PTTL), or None."""
+    """The token stored under `keys`, read as a broker with the suite's encryption keys would
+    (value and PTTL), or None."""
     with redis.Redis.from_url(redis_url) as client:
         read_at = time.monotonic()
         with client.pipeline(transaction=True) as pipe:
             raw, pttl = pipe.get(keys.token).pttl(keys.token).execute()
-    return CachedToken.decode(raw, int(pttl), read_at) if raw else None
+    codec = Codec(KeyRing.parse(os.environ["BROKER_ENCRYPTION_KEYS"]))
+    return codec.decode_token(raw, keys.token, int(pttl), read_at) if raw else None
 
 
 def free_port() -> int:

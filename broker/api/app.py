@@ -23,6 +23,7 @@ from broker.api.state import Broker, Health
 from broker.audit import AuditTrail
 from broker.callers import CallerRegistry
 from broker.clock import Clock, SystemClock
+from broker.entries import Codec
 from broker.errors import BrokerError, StoreUnavailable
 from broker.events import EventSubscriber
 from broker.settings import Settings
@@ -105,7 +106,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             tls_cert_file=settings.redis.tls_cert_file,
             tls_key_file=settings.redis.tls_key_file,
         )
-        store = Store(redis, prefix=settings.redis.key_prefix, clock=clock)
+        store = Store(redis, prefix=settings.redis.key_prefix, codec=Codec(settings.keyring), clock=clock)
         http = new_http_client(settings.upstream)
         upstream = UpstreamClient(
             http, settings.upstream, default_expires_in=settings.cache.default_expires_in, clock=clock

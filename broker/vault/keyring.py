@@ -73,8 +73,8 @@ class KeyRing:
     @classmethod
     def parse(cls, text: str) -> KeyRing:
         keys: list[tuple[str, bytes]] = []
-        for item in text.replace("\n", ",").split(","):
-            item = item.strip()
+        for raw_item in text.replace("\n", ",").split(","):
+            item = raw_item.strip()
             if not item or item.startswith("#"):
                 continue
             kid, sep, key = item.partition(":")

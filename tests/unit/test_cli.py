@@ -14,6 +14,7 @@ import pytest
 
 from broker.callers import CallerRegistry, hash_key
 from broker.settings import CallerSettings
+from broker.vault.keyring import KeyRing
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "cli-s3cret-value"
@@ -33,9 +34,11 @@ payments = ["{READ}"]
 """
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
+def run(*args: str, keys: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env["CLI_PAY_SECRET"] = SECRET
+    if keys:
+        env["BROKER_ENCRYPTION_KEYS"] = os.environ["BROKER_ENCRYPTION_KEYS"]
     return subprocess.run(
         [sys.executable, "-m", "broker", *args],
         cwd=ROOT,
@@ -161,3 +164,44 @@ def test_serve_on_a_taken_port_says_so_in_one_line(tmp_path: Path) -> None:
         f"error: port {port} on 127.0.0.1 is already in use: "
         "choose another with --port N, [server] port or BROKER_SERVER_PORT"
     )
+
+
+def test_serve_without_an_encryption_key_refuses_to_start_in_one_line(tmp_path: Path) -> None:
+    """Spec §6.1: tokens are encrypted at rest; `serve` without a key says how to give one."""
+    path = tmp_path / "broker.toml"
+    path.write_text(VALID, encoding="utf-8")
+    result = run("serve", "--config", str(path), keys=False)
+    assert result.returncode == 2
+    assert_no_traceback(result)
+    [line] = result.stderr.splitlines()
+    assert line.startswith("config error: vault.encryption_keys: no encryption key: set BROKER_ENCRYPTION_KEYS")
+    assert "--insecure-plaintext-cache" in line
+
+
+def test_a_malformed_encryption_key_is_one_config_line_without_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "broker.toml"
+    path.write_text(VALID, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    for bad, words in [("k1:c2hvcnQ=", "is 5 bytes"), ("nokid", "kid:base64key"), ("k1:!!!!", "not base64")]:
+        result = subprocess.run(
+            [sys.executable, "-m", "broker", "check-config", "--config", str(path)],
+            cwd=ROOT,
+            env={**env, "CLI_PAY_SECRET": SECRET, "BROKER_ENCRYPTION_KEYS": bad},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.startswith("config error: BROKER_ENCRYPTION_KEYS: "), line
+        assert words in line, line
+        assert bad.partition(":")[2] not in line or not bad.partition(":")[2]
+
+
+def test_encryption_key_prints_a_usable_key() -> None:
+    result = run("encryption-key", "k2")
+    assert result.returncode == 0
+    line = result.stdout.splitlines()[-1]
+    assert line.startswith("k2:")
+    assert KeyRing.parse(line).primary == "k2"
