@@ -1,0 +1,424 @@
+"""Build the container image from the Dockerfile and check that it serves, as a user would. CI runs it.
+
+There is no Docker engine here; Debian's podman builds and runs the Dockerfile unchanged:
+
+1. podman, buildah, runc and mmdebstrap from apt-get, when missing (needs root).
+2. The base image. No registry is reachable, so `localhost/python:3.11-bookworm` is made with
+   mmdebstrap (bookworm's Python 3.11 with pip and venv, without PEP 668's EXTERNALLY-MANAGED marker,
+   as in the official python images) and `podman import`. Made once per machine; set
+   IMAGE_TEST_REBUILD_BASE=1 to make it again.
+3. `podman build` of the Dockerfile on that base (`--build-arg PYTHON_IMAGE`). `--format docker`
+   because the OCI format drops the HEALTHCHECK; the host's CA bundle is mounted into the build
+   because the package index may be reached through a proxy with its own CA.
+4. The container, read-only with a tmpfs /tmp, as UID 10001, with all capabilities dropped, on the
+   host network, against a redis-server and tests/authserver.py on the host. Checked: /healthz,
+   /readyz, /openapi.yaml (the document this checkout ships), /metrics, a real token through
+   /v1/tokens/…, the HEALTHCHECK (`podman healthcheck run`), a clean stop on SIGTERM within the
+   grace period, no traceback in its log; a second container started with `serve --port X` and a
+   writable root: healthy too, and `podman diff` shows nothing written outside /tmp; the image
+   holds no compiler, build cache, wheels, sources or tests. The image size and the time from
+   `podman run` to the first 200 on /healthz are printed.
+
+`runc`, because crun refuses hybrid cgroups; the ulimits are given because root may not raise
+rlimits here. Every command is printed with its time.
+
+Usage (from the repository root): .venv/bin/python -m deploy.image_test
+Exit 0 when every check passed. When the container runtime cannot be set up or started at all,
+one line says why and the exit is 1, unless IMAGE_TEST_OPTIONAL=1, which makes that case a skip
+(exit 0). A failing build or check always fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from itertools import chain
+from pathlib import Path
+
+import httpx
+
+from broker.callers import hash_key, new_caller_key
+from broker.embedded_redis import EmbeddedRedis
+from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_IMAGE = "localhost/python:3.11-bookworm"
+IMAGE = "localhost/token-broker:ci"
+PACKAGES = ("podman", "buildah", "runc", "mmdebstrap")
+BASE_PACKAGES = "python3,python3-pip,python3-venv,python-is-python3,ca-certificates"
+CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")  # Debian's; the build trusts what the host trusts
+UID = 10001
+SCOPE = "urn:test:claims.read"
+GRACE_SECONDS = 15  # compose.yaml's stop_grace_period; uvicorn drains for up to 10 s
+PODMAN = ("podman", "--runtime", "runc")
+
+
+def _hard_nofile() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+# Root may not raise rlimits on this machine: give the container the limits it may have.
+RUN = (
+    "--network=host",
+    f"--ulimit=nofile={_hard_nofile()}:{_hard_nofile()}",
+    "--ulimit=nproc=32768:32768",
+    "--pull=never",
+)
+
+
+class RuntimeUnavailable(Exception):
+    """The container runtime cannot be set up or started here: not a defect of the image."""
+
+
+class Checks:
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+        self.timings: dict[str, float] = {}
+
+    def check(self, what: str, ok: bool, detail: str = "") -> bool:
+        print(f"{'ok  ' if ok else 'FAIL'}  {what}{f': {detail}' if detail else ''}", flush=True)
+        if not ok:
+            self.failed.append(what)
+        return ok
+
+
+def run(
+    command: Sequence[str], *, timeout: float = 120, check: bool = True, quiet: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run and print a command with its time; raise with its output when `check` and it failed."""
+    started = time.monotonic()
+    done = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout, check=False)
+    if not quiet:
+        print(f"$ {shlex.join(command)}   ({time.monotonic() - started:.1f} s, exit {done.returncode})", flush=True)
+    if check and done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
+    return done
+
+
+def _last_line(error: subprocess.CalledProcessError) -> str:
+    lines = [line for line in f"{error.stdout or ''}\n{error.stderr or ''}".splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"exit {error.returncode}"
+
+
+# -- 1-2: packages and base image -------------------------------------------------------------
+
+
+def install_packages() -> None:
+    missing = [name for name in PACKAGES if shutil.which(name) is None]
+    if not missing:
+        print(f"packages: {' '.join(PACKAGES)} already installed")
+        return
+    if os.geteuid() != 0:
+        raise RuntimeUnavailable(
+            f"{' '.join(missing)} missing and apt-get needs root: apt-get install -y {' '.join(PACKAGES)}"
+        )
+    os.environ["DEBIAN_FRONTEND"] = "noninteractive"
+    install = ["apt-get", "install", "-y", "-q", *PACKAGES]
+    if run(install, timeout=600, check=False).returncode:
+        try:
+            run(["apt-get", "update", "-q"], timeout=600)
+            run(install, timeout=600)
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeUnavailable(f"apt-get install {' '.join(PACKAGES)} failed: {_last_line(exc)}") from None
+
+
+def make_base_image() -> None:
+    exists = run([*PODMAN, "image", "exists", BASE_IMAGE], check=False, quiet=True).returncode == 0
+    if exists and os.environ.get("IMAGE_TEST_REBUILD_BASE") != "1":
+        print(f"base: {BASE_IMAGE} already made (IMAGE_TEST_REBUILD_BASE=1 makes it again)")
+        return
+    with tempfile.TemporaryDirectory(prefix="tb-base-") as work:
+        rootfs = str(Path(work) / "rootfs.tar")
+        try:
+            run(
+                [
+                    "mmdebstrap",
+                    "--quiet",
+                    "--variant=minbase",
+                    f"--include={BASE_PACKAGES}",
+                    *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "info", "locale")),
+                    '--customize-hook=rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
+                    "bookworm",
+                    rootfs,
+                ],
+                timeout=900,
+            )
+            run([*PODMAN, "import", "--quiet", "--change", "ENV=LANG=C.UTF-8", rootfs, BASE_IMAGE], timeout=300)
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeUnavailable(f"the base image could not be made: {_last_line(exc)}") from None
+
+
+def runtime_starts() -> None:
+    try:
+        run([*PODMAN, "run", "--rm", *RUN, BASE_IMAGE, "python", "-c", "pass"], timeout=120)
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeUnavailable(f"podman cannot start a container here: {_last_line(exc)}") from None
+
+
+# -- 3: the image -----------------------------------------------------------------------------
+
+
+def build_image(checks: Checks) -> bool:
+    previous = run([*PODMAN, "image", "inspect", "--format", "{{.Id}}", IMAGE], check=False, quiet=True)
+    mounts = ["--volume", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"] if CA_BUNDLE.exists() else []
+    started = time.monotonic()
+    build = run(
+        [
+            *PODMAN,
+            "build",
+            "--format",
+            "docker",
+            "--pull=never",
+            # No layer cache: podman 4.3 reused a cached `COPY broker ./broker` after broker/ had changed.
+            "--layers=false",
+            "--build-arg",
+            f"PYTHON_IMAGE={BASE_IMAGE}",
+            *mounts,
+            "--tag",
+            IMAGE,
+            str(ROOT),
+        ],
+        timeout=900,
+        check=False,
+    )
+    checks.timings["build"] = time.monotonic() - started
+    if not checks.check("podman build", build.returncode == 0, "" if build.returncode == 0 else "output below"):
+        print(build.stdout[-6000:], build.stderr[-4000:], sep="\n")
+        return False
+    old = previous.stdout.strip()
+    if previous.returncode == 0 and old and old != image_id():
+        run([*PODMAN, "rmi", old], check=False)  # the image this build superseded
+    return True
+
+
+def image_id() -> str:
+    return run([*PODMAN, "image", "inspect", "--format", "{{.Id}}", IMAGE], quiet=True).stdout.strip()
+
+
+def image_size_mb(image: str) -> float:
+    return int(run([*PODMAN, "image", "inspect", "--format", "{{.Size}}", image], quiet=True).stdout) / 1e6
+
+
+def check_image_contents(checks: Checks) -> None:
+    probe = (
+        "import importlib.util, json, os, shutil;"
+        "print(json.dumps({"
+        "'compilers': [c for c in ('gcc', 'cc', 'g++', 'make') if shutil.which(c)],"
+        "'leftovers': [p for p in ('/root/.cache', '/wheels', '/src', '/tmp/pip') if os.path.exists(p)],"
+        "'test code': [m for m in ('tests', 'pytest', 'hypothesis', 'bench') if importlib.util.find_spec(m)],"
+        "}))"
+    )
+    done = run([*PODMAN, "run", "--rm", *RUN, "--user", "0", "--entrypoint", "python", IMAGE, "-c", probe])
+    found = {what: items for what, items in json.loads(done.stdout).items() if items}
+    checks.check("image holds no compiler, pip cache, wheels, sources or tests", not found, json.dumps(found))
+    inspect = run([*PODMAN, "image", "inspect", "--format", "{{json .Config.Healthcheck}}", IMAGE], quiet=True)
+    healthcheck = (json.loads(inspect.stdout) or {}).get("Test")
+    checks.check("HEALTHCHECK kept in the image (docker format)", bool(healthcheck), str(healthcheck))
+
+
+# -- 4: the container -------------------------------------------------------------------------
+
+CONFIG = """\
+[server]
+port = {port}
+workers = 2
+
+[credentials.payments]
+token_url = "{token_url}"
+client_id = "{client_id}"
+client_secret = {{ file = "/run/secrets/payments" }}
+scopes = ["{scope}"]
+default_scopes = ["{scope}"]
+
+[callers.image-test]
+key_sha256 = "{key_hash}"
+[callers.image-test.grants]
+payments = ["{scope}"]
+"""
+
+
+@contextlib.contextmanager
+def container(name: str, options: Sequence[str], command: Sequence[str] = ()) -> Iterator[str]:
+    run([*PODMAN, "run", "--detach", "--name", name, *RUN, *options, IMAGE, *command])
+    try:
+        yield name
+    finally:
+        logs = run([*PODMAN, "logs", name], check=False, quiet=True)
+        if "Traceback" in logs.stdout + logs.stderr:
+            print(f"--- {name} log ---\n{logs.stdout[-4000:]}{logs.stderr[-4000:]}")
+        run([*PODMAN, "rm", "--force", "--time", "0", name], check=False)
+
+
+def wait_healthz(url: str, name: str, timeout: float = 30) -> float | None:
+    """Seconds until /healthz first answers 200, or None (the container's log is printed)."""
+    started = time.monotonic()
+    with httpx.Client(timeout=1, trust_env=False) as http:
+        while time.monotonic() - started < timeout:
+            with contextlib.suppress(httpx.HTTPError):
+                if http.get(f"{url}/healthz").status_code == 200:
+                    return time.monotonic() - started
+            time.sleep(0.05)
+    logs = run([*PODMAN, "logs", name], check=False, quiet=True)
+    print(f"--- {name} log ---\n{logs.stdout[-4000:]}{logs.stderr[-4000:]}")
+    return None
+
+
+def healthcheck(name: str) -> subprocess.CompletedProcess[str]:
+    return run([*PODMAN, "healthcheck", "run", name], check=False, timeout=30)
+
+
+def check_serving(checks: Checks, url: str, key: str, authserver: AuthServerProcess) -> None:
+    with httpx.Client(base_url=url, timeout=10, trust_env=False) as http:
+        deadline = time.monotonic() + 30
+        while (ready := http.get("/readyz")).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        checks.check("GET /readyz", ready.status_code == 200, f"{ready.status_code} {ready.text[:200]}")
+        spec = http.get("/openapi.yaml")
+        shipped = (ROOT / "broker" / "openapi.yaml").read_text(encoding="utf-8")
+        same = spec.status_code == 200 and spec.text == shipped
+        checks.check("GET /openapi.yaml: this checkout's document", same, f"{spec.status_code} {spec.text[:80]!r}")
+        caller = {"Authorization": f"Bearer {key}"}
+        first = http.get("/v1/tokens/payments", params={"scope": SCOPE}, headers=caller)
+        token = first.json().get("access_token") if first.status_code == 200 else None
+        checks.check("GET /v1/tokens/payments: a token from the authorization server", bool(token), first.text[:200])
+        again = http.get("/v1/tokens/payments", params={"scope": SCOPE}, headers=caller)
+        cached = again.status_code == 200 and again.json().get("access_token") == token
+        checks.check(
+            "the second request is served from the cache",
+            cached and authserver.token_requests() == 1,
+            f"{authserver.token_requests()} upstream request(s)",
+        )
+        denied = http.get("/v1/tokens/payments", params={"scope": SCOPE})
+        checks.check("no caller key: 401", denied.status_code == 401, str(denied.status_code))
+        page = ""
+        for _ in range(40):  # workers' metrics are folded into files under /tmp
+            page = http.get("/metrics").text
+            if 'token_broker_upstream_requests_total{credential="payments"' in page:
+                break
+            time.sleep(0.1)
+        checks.check("GET /metrics counts the upstream request", "token_broker_upstream_requests_total" in page)
+
+
+def check_main_container(checks: Checks, work: Path, redis_url: str, authserver: AuthServerProcess) -> None:
+    port, key = free_port(), new_caller_key()
+    config, secret = work / "config.toml", work / "payments.secret"
+    config.write_text(
+        CONFIG.format(
+            port=port, token_url=authserver.token_url, client_id=CLIENT_ID, scope=SCOPE, key_hash=hash_key(key)
+        ),
+        encoding="utf-8",
+    )
+    secret.write_text(CLIENT_SECRET, encoding="utf-8")
+    for path in (work, config, secret):  # readable by UID 10001
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    mounts = [
+        f"--volume={config}:/etc/token-broker/config.toml:ro",
+        f"--volume={secret}:/run/secrets/payments:ro",
+        f"--env=BROKER_REDIS_URL={redis_url}",
+        "--tmpfs=/tmp",
+        f"--user={UID}",
+        "--cap-drop=ALL",
+        "--security-opt=no-new-privileges",
+    ]
+    url = f"http://127.0.0.1:{port}"
+    name = f"tb-image-test-{os.getpid()}"
+    started = time.monotonic()
+    with container(name, ["--read-only", *mounts]):
+        seconds = wait_healthz(url, name)
+        if seconds is None:
+            checks.check("GET /healthz (read-only root, UID 10001)", False)
+            return
+        checks.check("GET /healthz (read-only root, UID 10001)", True)
+        checks.timings["start"] = time.monotonic() - started
+        print(f"      /healthz answered {seconds:.2f} s after `podman run` returned")
+        status = run([*PODMAN, "exec", name, "cat", "/proc/1/status"]).stdout
+        uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+        checks.check(f"PID 1 runs as UID {UID}", set(uids) == {str(UID)}, " ".join(uids))
+        check_serving(checks, url, key, authserver)
+        health = healthcheck(name)
+        checks.check("podman healthcheck run (HEALTHCHECK)", health.returncode == 0, health.stdout.strip())
+        run([*PODMAN, "kill", "--signal", "TERM", name])
+        stopping = time.monotonic()
+        waited = run([*PODMAN, "wait", name], check=False, timeout=GRACE_SECONDS + 15)
+        elapsed = time.monotonic() - stopping
+        code = waited.stdout.strip()
+        checks.check(
+            f"SIGTERM: exits 0 within the {GRACE_SECONDS} s grace period",
+            code == "0" and elapsed < GRACE_SECONDS,
+            f"exit {code} after {elapsed:.1f} s",
+        )
+        logs = run([*PODMAN, "logs", name], quiet=True)
+        text = logs.stdout + logs.stderr
+        problems = [p for p in ("Traceback", "Read-only file system", '"level": "error"') if p in text]
+        checks.check("no traceback, no read-only file system error in the log", not problems, ", ".join(problems))
+
+    # `serve --port X` with no BROKER_SERVER_PORT, a writable root: healthy, and nothing written outside /tmp.
+    other = free_port()
+    name = f"tb-image-test-{os.getpid()}-port"
+    command = ["serve", "--config", "/etc/token-broker/config.toml", "--host", "127.0.0.1", "--port", str(other)]
+    with container(name, mounts, command):
+        up = wait_healthz(f"http://127.0.0.1:{other}", name) is not None
+        if not checks.check(f"serve --port {other}: GET /healthz", up):
+            return
+        token = httpx.get(
+            f"http://127.0.0.1:{other}/v1/tokens/payments",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+            trust_env=False,
+        )
+        checks.check(f"serve --port {other}: a token", token.status_code == 200, str(token.status_code))
+        health = healthcheck(name)
+        checks.check(f"serve --port {other}: podman healthcheck run", health.returncode == 0, health.stdout.strip())
+        # The bind mounts' targets (and their parents) appear as added: they are not writes.
+        targets = [Path(option.split(":")[1]) for option in mounts if option.startswith("--volume=")]
+        expected = {str(path) for target in targets for path in (target, *target.parents)}
+        changes = run([*PODMAN, "diff", "--format", "json", name]).stdout
+        written = sorted(set(chain.from_iterable((json.loads(changes) or {}).values())) - expected)
+        checks.check("nothing written outside /tmp (podman diff)", not written, " ".join(written[:20]))
+
+
+def main() -> int:
+    os.chdir(ROOT)
+    checks = Checks()
+    started = time.monotonic()
+    try:
+        for step, what in ((install_packages, "packages"), (make_base_image, "base"), (runtime_starts, "preflight")):
+            began = time.monotonic()
+            step()
+            checks.timings[what] = time.monotonic() - began
+    except RuntimeUnavailable as exc:
+        if os.environ.get("IMAGE_TEST_OPTIONAL") == "1":
+            print(f"image test skipped (IMAGE_TEST_OPTIONAL=1): {exc}")
+            return 0
+        print(f"image test cannot run: {exc} (IMAGE_TEST_OPTIONAL=1 makes this a skip)")
+        return 1
+    if build_image(checks):
+        check_image_contents(checks)
+        size, base = image_size_mb(IMAGE), image_size_mb(BASE_IMAGE)
+        print(f"      image {IMAGE}: {size:.0f} MB, of which {size - base:.0f} MB above the base ({base:.0f} MB)")
+        with (
+            tempfile.TemporaryDirectory(prefix="tb-image-test-") as work,
+            EmbeddedRedis() as redis,
+            AuthServerProcess() as authserver,
+        ):
+            check_main_container(checks, Path(work), redis.url, authserver)
+    timings = ", ".join(f"{k} {v:.1f} s" for k, v in checks.timings.items())
+    print(f"image test: {timings}; {time.monotonic() - started:.0f} s in all")
+    if checks.failed:
+        print(f"image test FAILED: {'; '.join(checks.failed)}")
+        return 1
+    print("image test passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
