@@ -31,6 +31,7 @@ one line says why and the exit is 1, unless IMAGE_TEST_OPTIONAL=1, which makes t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -131,28 +132,32 @@ def install_packages() -> None:
             raise RuntimeUnavailable(f"apt-get install {' '.join(PACKAGES)} failed: {_last_line(exc)}") from None
 
 
+# The stand-in for python:3.11-slim-bookworm; its label records how it was made, so a change here remakes it.
+MMDEBSTRAP = (
+    "mmdebstrap",
+    "--quiet",
+    "--variant=minbase",
+    f"--include={BASE_PACKAGES}",
+    *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "info", "locale")),
+    '--customize-hook=rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
+    "bookworm",
+)
+BASE_LABEL = "org.token-broker.image-test.base"
+BASE_KEY = hashlib.sha256(shlex.join(MMDEBSTRAP).encode()).hexdigest()[:16]
+
+
 def make_base_image() -> None:
-    exists = run([*PODMAN, "image", "exists", BASE_IMAGE], check=False, quiet=True).returncode == 0
-    if exists and os.environ.get("IMAGE_TEST_REBUILD_BASE") != "1":
+    made = run([*PODMAN, "image", "inspect", "--format", "{{json .Labels}}", BASE_IMAGE], check=False, quiet=True)
+    key = (json.loads(made.stdout) or {}).get(BASE_LABEL) if made.returncode == 0 else None
+    if key == BASE_KEY and os.environ.get("IMAGE_TEST_REBUILD_BASE") != "1":
         print(f"base: {BASE_IMAGE} already made (IMAGE_TEST_REBUILD_BASE=1 makes it again)")
         return
     with tempfile.TemporaryDirectory(prefix="tb-base-") as work:
         rootfs = str(Path(work) / "rootfs.tar")
+        changes = ("--change", "ENV=LANG=C.UTF-8", "--change", f"LABEL={BASE_LABEL}={BASE_KEY}")
         try:
-            run(
-                [
-                    "mmdebstrap",
-                    "--quiet",
-                    "--variant=minbase",
-                    f"--include={BASE_PACKAGES}",
-                    *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "info", "locale")),
-                    '--customize-hook=rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
-                    "bookworm",
-                    rootfs,
-                ],
-                timeout=900,
-            )
-            run([*PODMAN, "import", "--quiet", "--change", "ENV=LANG=C.UTF-8", rootfs, BASE_IMAGE], timeout=300)
+            run([*MMDEBSTRAP, rootfs], timeout=900)
+            run([*PODMAN, "import", "--quiet", *changes, rootfs, BASE_IMAGE], timeout=300)
         except subprocess.CalledProcessError as exc:
             raise RuntimeUnavailable(f"the base image could not be made: {_last_line(exc)}") from None
 

@@ -288,6 +288,10 @@ def test_compose_mounts_the_config_read_only_and_secrets_as_files() -> None:
         assert file.startswith("/run/secrets/")
         assert file.removeprefix("/run/secrets/") in declared
     assert not [k for k in broker["environment"] if re.search("SECRET|PASSWORD", k)]
+    # File secrets (podman-compose 1.0.3 has no environment ones): the files are the user's, never committed.
+    ignored = (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+    for secret in COMPOSE["secrets"].values():
+        assert secret["file"].removeprefix("./") in ignored
 
 
 # --- the sample configs load with the broker's own loader -----------------------------------
