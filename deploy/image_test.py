@@ -37,6 +37,7 @@ import os
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,7 @@ from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "localhost/python:3.11-bookworm"
-IMAGE = "localhost/token-broker:ci"
+IMAGE = f"localhost/token-broker:image-test-{os.getpid()}"  # one per run, removed at its end
 PACKAGES = ("podman", "buildah", "runc", "mmdebstrap")
 BASE_PACKAGES = "python3,python3-pip,python3-venv,python-is-python3,ca-certificates"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")  # Debian's; the build trusts what the host trusts
@@ -97,7 +98,17 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """Run and print a command with its time; raise with its output when `check` and it failed."""
     started = time.monotonic()
-    done = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout, check=False)
+    with subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:  # a timeout or our SIGTERM: let podman clean up its build containers
+            process.terminate()
+            try:
+                process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
+    done = subprocess.CompletedProcess(list(command), process.returncode, stdout, stderr)
     if not quiet:
         print(f"$ {shlex.join(command)}   ({time.monotonic() - started:.1f} s, exit {done.returncode})", flush=True)
     if check and done.returncode:
@@ -172,9 +183,23 @@ def runtime_starts() -> None:
 # -- 3: the image -----------------------------------------------------------------------------
 
 
+def _build_containers() -> set[str]:
+    listed = run([*PODMAN, "ps", "--all", "--external", "--quiet", "--no-trunc"], check=False, quiet=True)
+    return set(listed.stdout.split())
+
+
 def build_image(checks: Checks) -> bool:
-    previous = run([*PODMAN, "image", "inspect", "--format", "{{.Id}}", IMAGE], check=False, quiet=True)
     mounts = ["--volume", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"] if CA_BUNDLE.exists() else []
+    before = _build_containers()
+    try:
+        return _build(checks, mounts)
+    except BaseException:  # an interrupted `podman build` leaves its working containers behind
+        for leftover in _build_containers() - before:
+            run([*PODMAN, "rm", "--force", leftover], check=False)
+        raise
+
+
+def _build(checks: Checks, mounts: list[str]) -> bool:
     started = time.monotonic()
     build = run(
         [
@@ -199,14 +224,7 @@ def build_image(checks: Checks) -> bool:
     if not checks.check("podman build", build.returncode == 0, "" if build.returncode == 0 else "output below"):
         print(build.stdout[-6000:], build.stderr[-4000:], sep="\n")
         return False
-    old = previous.stdout.strip()
-    if previous.returncode == 0 and old and old != image_id():
-        run([*PODMAN, "rmi", old], check=False)  # the image this build superseded
     return True
-
-
-def image_id() -> str:
-    return run([*PODMAN, "image", "inspect", "--format", "{{.Id}}", IMAGE], quiet=True).stdout.strip()
 
 
 def image_size_mb(image: str) -> float:
@@ -391,8 +409,13 @@ def check_main_container(checks: Checks, work: Path, redis_url: str, authserver:
         checks.check("nothing written outside /tmp (podman diff)", not written, " ".join(written[:20]))
 
 
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     os.chdir(ROOT)
+    signal.signal(signal.SIGTERM, _exit)  # a CI timeout still removes the containers and the image
     checks = Checks()
     started = time.monotonic()
     try:
@@ -406,16 +429,19 @@ def main() -> int:
             return 0
         print(f"image test cannot run: {exc} (IMAGE_TEST_OPTIONAL=1 makes this a skip)")
         return 1
-    if build_image(checks):
-        check_image_contents(checks)
-        size, base = image_size_mb(IMAGE), image_size_mb(BASE_IMAGE)
-        print(f"      image {IMAGE}: {size:.0f} MB, of which {size - base:.0f} MB above the base ({base:.0f} MB)")
-        with (
-            tempfile.TemporaryDirectory(prefix="tb-image-test-") as work,
-            EmbeddedRedis() as redis,
-            AuthServerProcess() as authserver,
-        ):
-            check_main_container(checks, Path(work), redis.url, authserver)
+    try:
+        if build_image(checks):
+            check_image_contents(checks)
+            size, base = image_size_mb(IMAGE), image_size_mb(BASE_IMAGE)
+            print(f"      image {IMAGE}: {size:.0f} MB, of which {size - base:.0f} MB above the base ({base:.0f} MB)")
+            with (
+                tempfile.TemporaryDirectory(prefix="tb-image-test-") as work,
+                EmbeddedRedis() as redis,
+                AuthServerProcess() as authserver,
+            ):
+                check_main_container(checks, Path(work), redis.url, authserver)
+    finally:
+        run([*PODMAN, "rmi", "--force", IMAGE], check=False, quiet=True)
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in checks.timings.items())
     print(f"image test: {timings}; {time.monotonic() - started:.0f} s in all")
     if checks.failed:
