@@ -1,15 +1,14 @@
 """Build the container image from the Dockerfile and check that it serves, as a user would. CI runs it.
 
-There is no Docker engine here; Debian's podman builds and runs the Dockerfile unchanged:
+There is no Docker engine here; Debian's podman builds and runs the Dockerfile unchanged
+(deploy/podman_setup.py installs it and makes the base image):
 
 1. podman, buildah, runc and mmdebstrap from apt-get, when missing (needs root).
-2. The base image. No registry is reachable, so `localhost/python:3.11-bookworm` is made with
-   mmdebstrap (bookworm's Python 3.11 with pip and venv, without PEP 668's EXTERNALLY-MANAGED marker,
-   as in the official python images) and `podman import`. Made once per machine; set
-   IMAGE_TEST_REBUILD_BASE=1 to make it again.
+2. The base image `localhost/python:3.11-bookworm`, made with mmdebstrap once per machine.
 3. `podman build` of the Dockerfile on that base (`--build-arg PYTHON_IMAGE`). `--format docker`
    because the OCI format drops the HEALTHCHECK; the host's CA bundle is mounted into the build
-   because the package index may be reached through a proxy with its own CA.
+   because the package index may be reached through a proxy with its own CA; `--layers=false`
+   because podman 4.3's layer cache reused a `COPY broker ./broker` layer after broker/ changed.
 4. The container, read-only with a tmpfs /tmp, as UID 10001, with all capabilities dropped, on the
    host network, against a redis-server and tests/authserver.py on the host. Checked: /healthz,
    /readyz, /openapi.yaml (the document this checkout ships), /metrics, a real token through
@@ -19,8 +18,7 @@ There is no Docker engine here; Debian's podman builds and runs the Dockerfile u
    holds no compiler, build cache, wheels, sources or tests. The image size and the time from
    `podman run` to the first 200 on /healthz are printed.
 
-`runc`, because crun refuses hybrid cgroups; the ulimits are given because root may not raise
-rlimits here. Every command is printed with its time.
+Every command is printed with its time. The image is tagged for this run only and removed at its end.
 
 Usage (from the repository root): .venv/bin/python -m deploy.image_test
 Exit 0 when every check passed. When the container runtime cannot be set up or started at all,
@@ -31,12 +29,8 @@ one line says why and the exit is 1, unless IMAGE_TEST_OPTIONAL=1, which makes t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import resource
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -50,35 +44,24 @@ import httpx
 
 from broker.callers import hash_key, new_caller_key
 from broker.embedded_redis import EmbeddedRedis
+from deploy.podman_setup import (
+    BASE_IMAGE,
+    PODMAN,
+    RUN,
+    RuntimeUnavailable,
+    install_packages,
+    make_base_image,
+    run,
+    runtime_starts,
+)
 from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_IMAGE = "localhost/python:3.11-bookworm"
 IMAGE = f"localhost/token-broker:image-test-{os.getpid()}"  # one per run, removed at its end
-PACKAGES = ("podman", "buildah", "runc", "mmdebstrap")
-BASE_PACKAGES = "python3,python3-pip,python3-venv,python-is-python3,ca-certificates"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")  # Debian's; the build trusts what the host trusts
 UID = 10001
 SCOPE = "urn:test:claims.read"
 GRACE_SECONDS = 15  # compose.yaml's stop_grace_period; uvicorn drains for up to 10 s
-PODMAN = ("podman", "--runtime", "runc")
-
-
-def _hard_nofile() -> int:
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-
-
-# Root may not raise rlimits on this machine: give the container the limits it may have.
-RUN = (
-    "--network=host",
-    f"--ulimit=nofile={_hard_nofile()}:{_hard_nofile()}",
-    "--ulimit=nproc=32768:32768",
-    "--pull=never",
-)
-
-
-class RuntimeUnavailable(Exception):
-    """The container runtime cannot be set up or started here: not a defect of the image."""
 
 
 class Checks:
@@ -91,93 +74,6 @@ class Checks:
         if not ok:
             self.failed.append(what)
         return ok
-
-
-def run(
-    command: Sequence[str], *, timeout: float = 120, check: bool = True, quiet: bool = False
-) -> subprocess.CompletedProcess[str]:
-    """Run and print a command with its time; raise with its output when `check` and it failed."""
-    started = time.monotonic()
-    with subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except BaseException:  # a timeout or our SIGTERM: let podman clean up its build containers
-            process.terminate()
-            try:
-                process.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            raise
-    done = subprocess.CompletedProcess(list(command), process.returncode, stdout, stderr)
-    if not quiet:
-        print(f"$ {shlex.join(command)}   ({time.monotonic() - started:.1f} s, exit {done.returncode})", flush=True)
-    if check and done.returncode:
-        raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
-    return done
-
-
-def _last_line(error: subprocess.CalledProcessError) -> str:
-    lines = [line for line in f"{error.stdout or ''}\n{error.stderr or ''}".splitlines() if line.strip()]
-    return lines[-1].strip() if lines else f"exit {error.returncode}"
-
-
-# -- 1-2: packages and base image -------------------------------------------------------------
-
-
-def install_packages() -> None:
-    missing = [name for name in PACKAGES if shutil.which(name) is None]
-    if not missing:
-        print(f"packages: {' '.join(PACKAGES)} already installed")
-        return
-    if os.geteuid() != 0:
-        raise RuntimeUnavailable(
-            f"{' '.join(missing)} missing and apt-get needs root: apt-get install -y {' '.join(PACKAGES)}"
-        )
-    os.environ["DEBIAN_FRONTEND"] = "noninteractive"
-    install = ["apt-get", "install", "-y", "-q", *PACKAGES]
-    if run(install, timeout=600, check=False).returncode:
-        try:
-            run(["apt-get", "update", "-q"], timeout=600)
-            run(install, timeout=600)
-        except subprocess.CalledProcessError as exc:
-            raise RuntimeUnavailable(f"apt-get install {' '.join(PACKAGES)} failed: {_last_line(exc)}") from None
-
-
-# The stand-in for python:3.11-slim-bookworm; its label records how it was made, so a change here remakes it.
-MMDEBSTRAP = (
-    "mmdebstrap",
-    "--quiet",
-    "--variant=minbase",
-    f"--include={BASE_PACKAGES}",
-    *(f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("doc", "man", "info", "locale")),
-    '--customize-hook=rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
-    "bookworm",
-)
-BASE_LABEL = "org.token-broker.image-test.base"
-BASE_KEY = hashlib.sha256(shlex.join(MMDEBSTRAP).encode()).hexdigest()[:16]
-
-
-def make_base_image() -> None:
-    made = run([*PODMAN, "image", "inspect", "--format", "{{json .Labels}}", BASE_IMAGE], check=False, quiet=True)
-    key = (json.loads(made.stdout) or {}).get(BASE_LABEL) if made.returncode == 0 else None
-    if key == BASE_KEY and os.environ.get("IMAGE_TEST_REBUILD_BASE") != "1":
-        print(f"base: {BASE_IMAGE} already made (IMAGE_TEST_REBUILD_BASE=1 makes it again)")
-        return
-    with tempfile.TemporaryDirectory(prefix="tb-base-") as work:
-        rootfs = str(Path(work) / "rootfs.tar")
-        changes = ("--change", "ENV=LANG=C.UTF-8", "--change", f"LABEL={BASE_LABEL}={BASE_KEY}")
-        try:
-            run([*MMDEBSTRAP, rootfs], timeout=900)
-            run([*PODMAN, "import", "--quiet", *changes, rootfs, BASE_IMAGE], timeout=300)
-        except subprocess.CalledProcessError as exc:
-            raise RuntimeUnavailable(f"the base image could not be made: {_last_line(exc)}") from None
-
-
-def runtime_starts() -> None:
-    try:
-        run([*PODMAN, "run", "--rm", *RUN, BASE_IMAGE, "python", "-c", "pass"], timeout=120)
-    except subprocess.CalledProcessError as exc:
-        raise RuntimeUnavailable(f"podman cannot start a container here: {_last_line(exc)}") from None
 
 
 # -- 3: the image -----------------------------------------------------------------------------
