@@ -40,8 +40,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     BROKER_CONFIG=/etc/token-broker/config.toml
 USER 10001:10001
 EXPOSE 8080
-# No curl in slim images: the standard library does the probe. Honours BROKER_SERVER_PORT.
+# No curl in slim images: the standard library does the probe, on the port the entrypoint really
+# listens on (read from /proc), whether the config, BROKER_SERVER_PORT or `serve --port` chose it.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('BROKER_SERVER_PORT', '8080') + '/healthz', timeout=2)"]
+    CMD ["python", "-m", "broker.healthcheck"]
 ENTRYPOINT ["token-broker"]
 CMD ["serve", "--config", "/etc/token-broker/config.toml", "--host", "0.0.0.0"]

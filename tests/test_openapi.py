@@ -17,7 +17,7 @@ _METHODS = {"get", "post", "put", "patch", "delete"}
 
 
 def _document() -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load((REPO_ROOT / "openapi.yaml").read_text(encoding="utf-8"))
+    doc: dict[str, Any] = yaml.safe_load((REPO_ROOT / "broker" / "openapi.yaml").read_text(encoding="utf-8"))
     return doc
 
 

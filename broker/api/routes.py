@@ -3,9 +3,9 @@ scopes within the grant, then the token itself."""
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -28,7 +28,8 @@ _INVALIDATION_OUTCOMES = {
     "not_current": "invalidate_noop",
     "throttled": "invalidate_throttled",
 }
-_OPENAPI = Path(__file__).resolve().parents[2] / "openapi.yaml"
+# Package data: found wherever the package is installed (the image too), not only in a checkout.
+_OPENAPI = importlib.resources.files("broker") / "openapi.yaml"
 
 
 def _broker(request: Request) -> Broker:
@@ -164,8 +165,4 @@ async def metrics(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    try:
-        text = _OPENAPI.read_text(encoding="utf-8")
-    except OSError:
-        return JSONResponse({"error": "not_found", "error_description": "No OpenAPI document."}, 404)
-    return Response(text, media_type="application/yaml")
+    return Response(_OPENAPI.read_text(encoding="utf-8"), media_type="application/yaml")

@@ -63,7 +63,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWar
 
 # -- what openapi.yaml documents ----------------------------------------------------------------
 
-_DOCUMENT = yaml.safe_load((REPO_ROOT / "openapi.yaml").read_text(encoding="utf-8"))
+_DOCUMENT = yaml.safe_load((REPO_ROOT / "broker" / "openapi.yaml").read_text(encoding="utf-8"))
 _HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 

@@ -52,7 +52,7 @@ CONFIG = schemathesis.Config.from_dict(
         },
     }
 )
-schema = schemathesis.openapi.from_path(REPO_ROOT / "openapi.yaml", config=CONFIG)
+schema = schemathesis.openapi.from_path(REPO_ROOT / "broker" / "openapi.yaml", config=CONFIG)
 
 ERROR_CODES = {
     "invalid_request",
