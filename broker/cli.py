@@ -253,8 +253,11 @@ def cmd_encryption_key(args: argparse.Namespace) -> int:
     if not re.fullmatch(r"[A-Za-z0-9_\-]{1,32}", args.kid):
         print("error: a key id is 1-32 letters, digits, '_' or '-'", file=sys.stderr)
         return EXIT_CONFIG
-    print("# A new AES-256 key. Put it first in BROKER_ENCRYPTION_KEYS (or the keys file) to encrypt with it;")
-    print("# keep the old ones after it until `token-broker rotate-key` has run.")
+    print(
+        "# A new AES-256 key. Put it first in BROKER_ENCRYPTION_KEYS (or the keys file) to encrypt with it;"
+        " keep the old ones after it until `token-broker rotate-key` has run.",
+        file=sys.stderr,
+    )
     print(f"{args.kid}:{new_key()}")
     return 0
 

@@ -44,6 +44,7 @@ import httpx
 
 from broker.callers import hash_key, new_caller_key
 from broker.embedded_redis import EmbeddedRedis
+from broker.vault.keyring import new_key
 from deploy.podman_setup import (
     BASE_IMAGE,
     PODMAN,
@@ -244,6 +245,7 @@ def check_main_container(checks: Checks, work: Path, redis_url: str, authserver:
         f"--volume={config}:/etc/token-broker/config.toml:ro",
         f"--volume={secret}:/run/secrets/payments:ro",
         f"--env=BROKER_REDIS_URL={redis_url}",
+        f"--env=BROKER_ENCRYPTION_KEYS=image-test:{new_key()}",
         "--tmpfs=/tmp",
         f"--user={UID}",
         "--cap-drop=ALL",

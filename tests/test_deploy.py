@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from broker.settings import load_settings
+from broker.vault.keyring import new_key
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "kubernetes" / "base"
@@ -312,9 +313,16 @@ def test_sample_config_is_valid(config: str, tmp_path: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_text("placeholder-secret\n", encoding="utf-8")
         text = text.replace(f'"{file}"', f'"{local}"')
+    keys_file = tomllib.loads(text)["vault"]["encryption_keys_file"]  # the broker does not start without it
+    local_keys = tmp_path / keys_file.lstrip("/")
+    local_keys.parent.mkdir(parents=True, exist_ok=True)
+    local_keys.write_text(f"k1:{new_key()}\n", encoding="utf-8")
+    text = text.replace(f'"{keys_file}"', f'"{local_keys}"')
     copy = tmp_path / "config.toml"
     copy.write_text(text, encoding="utf-8")
     settings = load_settings(copy, env={"BROKER_REDIS_URL": "redis://redis:6379/0"})
+    assert settings.keyring is not None
+    assert settings.keyring.primary == "k1"
     assert settings.credentials
     assert settings.callers
     assert not settings.warnings
