@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Mapping
 
 from broker.errors import AccessDenied, InsufficientScope, InvalidCallerToken
-from broker.settings import CallerSettings
+from broker.vault.models import CallerSettings
 
 __all__ = ["KEY_PREFIX", "CallerRegistry", "hash_key", "new_caller_key"]
 

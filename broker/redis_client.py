@@ -25,7 +25,7 @@ import asyncio
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis.asyncio as aioredis
 import structlog
@@ -44,6 +44,7 @@ __all__ = [
     "RedisURLError",
     "connect",
     "parse_url",
+    "redact_url",
 ]
 
 log = structlog.get_logger("broker.redis")
@@ -72,6 +73,19 @@ HEALTH_CHECK_INTERVAL = 10
 KEEPALIVE_IDLE = 10
 KEEPALIVE_INTERVAL = 5
 KEEPALIVE_PROBES = 3
+
+
+def redact_url(url: str | None) -> str | None:
+    """The URL with any password replaced, for logs and reprs."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    if parts.query:
+        query = [(k, "***" if k.lower().endswith("password") else v) for k, v in parse_qsl(parts.query, True)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return parts.geturl()
 
 
 class PoolExhausted(RedisConnectionError):
@@ -247,8 +261,6 @@ def connect(
     For a cluster the result is a RedisCluster: it offers the commands, scripts and pub/sub the
     Store and the EventSubscriber use, under the same names.
     """
-    from broker.settings import redact_url  # noqa: PLC0415 - settings imports this module
-
     target = parse_url(url)
     tls = _tls_kwargs(tls_ca_file, tls_cert_file, tls_key_file) if target.tls else {}
     log.info(

@@ -7,9 +7,6 @@ Every problem found is reported as one line naming its key; `load_settings` rais
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
 import os
 import re
 import tomllib
@@ -17,32 +14,27 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 from broker import redis_client
-from broker import scopes as scopes_mod
-from broker.errors import ConfigError, InvalidRequest
-from broker.secret import Secret
+from broker.errors import ConfigError
+from broker.reader import Reader, check_url, to_bool, to_float, to_int, to_pair, to_str
+from broker.redis_client import redact_url
 from broker.vault.keyring import KeyRing, KeyRingError
+from broker.vault.models import AdminSettings, CallerSettings, CredentialSettings, read_entries
 
 __all__ = [
-    "AUTH_METHODS",
     "CacheSettings",
-    "CallerSettings",
-    "CredentialSettings",
     "RedisSettings",
     "ServerSettings",
     "Settings",
     "UpstreamSettings",
     "VaultSettings",
     "load_settings",
+    "parse_settings",
 ]
 
-AUTH_METHODS = ("client_secret_basic", "client_secret_post")
-_PLANNED_AUTH_METHODS = ("private_key_jwt", "tls_client_auth")
-_SHA256_HEX = frozenset("0123456789abcdef")
 _KEY_PREFIX = re.compile(r"[A-Za-z0-9._\-]{1,32}")
-_NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")  # credential and caller names: URL path segments, Redis hash tags
 
 T = TypeVar("T")
 
@@ -101,44 +93,6 @@ class VaultSettings:
 
 
 @dataclass(frozen=True)
-class CredentialSettings:
-    name: str
-    client_id: str
-    client_secret: Secret
-    token_url: str | None = None
-    issuer: str | None = None
-    auth_method: str = "client_secret_basic"
-    scopes: tuple[str, ...] = ()
-    default_scopes: tuple[str, ...] = ()
-    audience: str | None = None
-    resource: str | None = None
-    extra_params: Mapping[str, str] = field(default_factory=dict)
-    # A fingerprint of every field that shapes a token: part of every Redis key of the credential,
-    # so a changed credential (or another deployment's) never serves the old one's tokens.
-    shape: str = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        fields = [
-            self.client_id,
-            self.token_url,
-            self.issuer,
-            self.auth_method,
-            self.audience,
-            self.resource,
-            sorted(self.extra_params.items()),
-        ]
-        digest = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
-        object.__setattr__(self, "shape", digest)
-
-
-@dataclass(frozen=True)
-class CallerSettings:
-    name: str
-    key_sha256: str  # lowercase hex; the key itself is never stored
-    grants: Mapping[str, frozenset[str]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
@@ -147,164 +101,9 @@ class Settings:
     vault: VaultSettings = field(default_factory=VaultSettings)
     credentials: Mapping[str, CredentialSettings] = field(default_factory=dict)
     callers: Mapping[str, CallerSettings] = field(default_factory=dict)
+    admins: Mapping[str, AdminSettings] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     keyring: KeyRing | None = None  # None: no encryption key given (plaintext only with the insecure flag)
-
-
-def redact_url(url: str | None) -> str | None:
-    """The URL with any password replaced, for logs and reprs."""
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    if parts.password is not None:
-        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
-    if parts.query:
-        query = [(k, "***" if k.lower().endswith("password") else v) for k, v in parse_qsl(parts.query, True)]
-        parts = parts._replace(query=urlencode(query, safe="*"))
-    return parts.geturl()
-
-
-class _Reader:
-    """Reads typed values out of TOML tables, collecting one problem line per bad key."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.problems: list[str] = []
-        self.warnings: list[str] = []
-
-    def problem(self, key: str, message: str) -> None:
-        self.problems.append(f"{key}: {message}")
-
-    def table(self, parent: Mapping[str, Any], name: str, key: str) -> dict[str, Any]:
-        value = parent.get(name, {})
-        if not isinstance(value, dict):
-            self.problem(key, "must be a table")
-            return {}
-        return value
-
-    def unknown(self, table: Mapping[str, Any], known: set[str], prefix: str) -> None:
-        for name in sorted(set(table) - known):
-            self.problem(f"{prefix}.{name}", "unknown key")
-
-    def value(
-        self,
-        table: Mapping[str, Any],
-        name: str,
-        key: str,
-        convert: Callable[[Any], T],
-        default: T,
-        expected: str,
-    ) -> T:
-        if name not in table:
-            return default
-        try:
-            return convert(table[name])
-        except (TypeError, ValueError, OverflowError):
-            self.problem(key, f"must be {expected}, got {table[name]!r}")
-            return default
-
-    def secret(self, table: Mapping[str, Any], name: str, key: str) -> Secret | None:
-        ref = table.get(name)
-        if ref is None:
-            self.problem(key, "is required")
-            return None
-        if isinstance(ref, str):
-            if not ref:
-                self.problem(key, "must not be empty")
-                return None
-            self.warnings.append(
-                f'{key}: a literal secret in the config file; prefer {{ env = "…" }} or {{ file = "…" }}'
-            )
-            return Secret(ref, "literal")
-        if not isinstance(ref, dict) or len(ref) != 1 or next(iter(ref)) not in ("env", "file"):
-            self.problem(key, 'must be { env = "NAME" }, { file = "/path" } or a string')
-            return None
-        kind, where = next(iter(ref.items()))
-        if not isinstance(where, str) or not where:
-            self.problem(key, f"{kind} must be a non-empty string")
-            return None
-        if kind == "env":
-            env_value = self.env.get(where)
-            if not env_value:
-                self.problem(key, f"environment variable {where} is not set or empty")
-                return None
-            return Secret(env_value, f"env:{where}")
-        try:
-            file_value = Path(where).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            self.problem(key, f"cannot read secret file {where}: {exc.strerror or exc}")
-            return None
-        if not file_value:
-            self.problem(key, f"secret file {where} is empty")
-            return None
-        return Secret(file_value, f"file:{where}")
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in (
-        "1",
-        "true",
-        "yes",
-        "on",
-        "0",
-        "false",
-        "no",
-        "off",
-    ):
-        return value.lower() in ("1", "true", "yes", "on")
-    raise ValueError(value)
-
-
-def _to_int(value: Any) -> int:
-    if isinstance(value, bool | float):
-        raise TypeError(value)
-    return int(value)
-
-
-def _to_float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise TypeError(value)
-    result = float(value)
-    if not math.isfinite(result):
-        raise ValueError(value)
-    return result
-
-
-def _to_str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(value)
-    return value
-
-
-def _to_pair(value: Any) -> tuple[float, float]:
-    if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
-    if not isinstance(value, list | tuple) or len(value) != 2:
-        raise ValueError(value)
-    low, high = (_to_float(v) for v in value)
-    return (low, high)
-
-
-def _check_url(reader: _Reader, key: str, url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        reader.problem(key, f"must be an http(s) URL with a host, got {url!r}")
-    elif key.endswith("issuer") and (parts.query or parts.fragment):
-        reader.problem(key, "must not carry a query or fragment")
-
-
-def _scope_list(reader: _Reader, table: Mapping[str, Any], name: str, key: str) -> tuple[str, ...]:
-    raw = table.get(name, [])
-    if not isinstance(raw, list) or not all(isinstance(s, str) for s in raw):
-        reader.problem(key, "must be a list of strings")
-        return ()
-    try:
-        return scopes_mod.parse(" ".join(raw))
-    except InvalidRequest as exc:
-        reader.problem(key, exc.description)
-        return ()
 
 
 # Variables in the override namespace that are not config keys: BROKER_REDIS_SERVER names the
@@ -324,12 +123,12 @@ def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
 
 
 _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
-    "str": (_to_str, "a string"),
-    "str | None": (_to_str, "a string"),
-    "int": (_to_int, "an integer"),
-    "float": (_to_float, "a number"),
-    "bool": (_to_bool, "true or false"),
-    "tuple[float, float]": (_to_pair, "two numbers [low, high]"),
+    "str": (to_str, "a string"),
+    "str | None": (to_str, "a string"),
+    "int": (to_int, "an integer"),
+    "float": (to_float, "a number"),
+    "bool": (to_bool, "true or false"),
+    "tuple[float, float]": (to_pair, "two numbers [low, high]"),
 }
 
 # Inclusive bounds per key: one line each instead of a hand-written check per field.
@@ -355,7 +154,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
 S = TypeVar("S")
 
 
-def _section(r: _Reader, t: Mapping[str, Any], cls: type[S], name: str) -> S:
+def _section(r: Reader, t: Mapping[str, Any], cls: type[S], name: str) -> S:
     """Read the flat section `[name]` into the dataclass `cls`: types from its fields, bounds from _BOUNDS."""
     r.unknown(t, set(cls.__dataclass_fields__), name)  # type: ignore[attr-defined]
     defaults = cls()
@@ -372,14 +171,14 @@ def _section(r: _Reader, t: Mapping[str, Any], cls: type[S], name: str) -> S:
     return cls(**values)
 
 
-def _server(r: _Reader, t: Mapping[str, Any]) -> ServerSettings:
+def _server(r: Reader, t: Mapping[str, Any]) -> ServerSettings:
     s = _section(r, t, ServerSettings, "server")
     if s.public_url is not None:
-        _check_url(r, "server.public_url", s.public_url)
+        check_url(r, "server.public_url", s.public_url)
     return s
 
 
-def _redis(r: _Reader, t: Mapping[str, Any]) -> RedisSettings:
+def _redis(r: Reader, t: Mapping[str, Any]) -> RedisSettings:
     redis = _section(r, {k: v for k, v in t.items() if v != ""}, RedisSettings, "redis")  # "" means embedded
     tls = False
     if redis.url is not None:
@@ -406,7 +205,7 @@ def _redis(r: _Reader, t: Mapping[str, Any]) -> RedisSettings:
     return redis
 
 
-def _cache(r: _Reader, t: Mapping[str, Any]) -> CacheSettings:
+def _cache(r: Reader, t: Mapping[str, Any]) -> CacheSettings:
     c = _section(r, t, CacheSettings, "cache")
     low, high = c.refresh_at
     if not 0 < low <= high < 1:
@@ -414,7 +213,7 @@ def _cache(r: _Reader, t: Mapping[str, Any]) -> CacheSettings:
     return c
 
 
-def _keyring(r: _Reader, vault: VaultSettings, env: Mapping[str, str]) -> KeyRing | None:
+def _keyring(r: Reader, vault: VaultSettings, env: Mapping[str, str]) -> KeyRing | None:
     """The encryption keys (spec §6.1), from BROKER_ENCRYPTION_KEYS or [vault] encryption_keys_file."""
     key = "BROKER_ENCRYPTION_KEYS"
     text = env.get(key)
@@ -434,145 +233,27 @@ def _keyring(r: _Reader, vault: VaultSettings, env: Mapping[str, str]) -> KeyRin
         return None
 
 
-def _upstream(r: _Reader, t: Mapping[str, Any]) -> UpstreamSettings:
+def _upstream(r: Reader, t: Mapping[str, Any]) -> UpstreamSettings:
     return _section(r, t, UpstreamSettings, "upstream")
-
-
-_CREDENTIAL_KEYS = {
-    "issuer",
-    "token_url",
-    "client_id",
-    "client_secret",
-    "auth_method",
-    "scopes",
-    "default_scopes",
-    "audience",
-    "resource",
-    "extra_params",
-}
-_RESERVED_FORM_FIELDS = {
-    "grant_type",
-    "scope",
-    "client_id",
-    "client_secret",
-    "audience",
-    "resource",
-}
-
-
-def _credential(r: _Reader, name: str, t: Mapping[str, Any]) -> CredentialSettings | None:
-    key = f"credentials.{name}"
-    r.unknown(t, _CREDENTIAL_KEYS, key)
-    token_url = r.value(t, "token_url", f"{key}.token_url", _to_str, None, "a URL string")
-    issuer = r.value(t, "issuer", f"{key}.issuer", _to_str, None, "a URL string")
-    if (token_url is None) == (issuer is None):
-        r.problem(key, "needs exactly one of issuer (OIDC discovery) or token_url")
-    for k, url in (("token_url", token_url), ("issuer", issuer)):
-        if url is not None:
-            _check_url(r, f"{key}.{k}", url)
-    client_id = r.value(t, "client_id", f"{key}.client_id", _to_str, "", "a string")
-    if not client_id:
-        r.problem(f"{key}.client_id", "is required")
-    auth_method = r.value(t, "auth_method", f"{key}.auth_method", _to_str, "client_secret_basic", "a string")
-    if auth_method in _PLANNED_AUTH_METHODS:
-        r.problem(
-            f"{key}.auth_method",
-            f"{auth_method} is not supported yet; use one of {', '.join(AUTH_METHODS)}",
-        )
-    elif auth_method not in AUTH_METHODS:
-        r.problem(f"{key}.auth_method", f"must be one of {', '.join(AUTH_METHODS)}, got {auth_method!r}")
-    secret = r.secret(t, "client_secret", f"{key}.client_secret")
-    allowed = _scope_list(r, t, "scopes", f"{key}.scopes")
-    defaults = _scope_list(r, t, "default_scopes", f"{key}.default_scopes")
-    for scope in defaults:
-        if scope not in allowed:
-            r.problem(f"{key}.default_scopes", f"scope {scope!r} is not in {key}.scopes")
-    extra = r.table(t, "extra_params", f"{key}.extra_params")
-    for field_name, v in extra.items():
-        if not isinstance(v, str):
-            r.problem(f"{key}.extra_params.{field_name}", "must be a string")
-        elif field_name in _RESERVED_FORM_FIELDS:
-            r.problem(f"{key}.extra_params.{field_name}", "is set by the broker itself")
-    if secret is None:
-        return None
-    return CredentialSettings(
-        name=name,
-        client_id=client_id,
-        client_secret=secret,
-        token_url=token_url,
-        issuer=issuer.rstrip("/") if issuer else None,
-        auth_method=auth_method,
-        scopes=allowed,
-        default_scopes=defaults,
-        audience=r.value(t, "audience", f"{key}.audience", _to_str, None, "a string"),
-        resource=r.value(t, "resource", f"{key}.resource", _to_str, None, "a string"),
-        extra_params={k: v for k, v in extra.items() if isinstance(v, str)},
-    )
-
-
-def _caller(r: _Reader, name: str, t: Mapping[str, Any], credentials: Mapping[str, Any]) -> CallerSettings:
-    key = f"callers.{name}"
-    r.unknown(t, {"key_sha256", "grants"}, key)
-    digest = r.value(t, "key_sha256", f"{key}.key_sha256", _to_str, "", "a string").lower()
-    if len(digest) != 64 or not set(digest) <= _SHA256_HEX:
-        r.problem(f"{key}.key_sha256", "must be 64 hex characters (token-broker caller-key prints it)")
-    grants: dict[str, frozenset[str]] = {}
-    for credential, scopes in r.table(t, "grants", f"{key}.grants").items():
-        gkey = f"{key}.grants.{credential}"
-        if credential not in credentials:
-            r.problem(gkey, f"unknown credential {credential!r}")
-            continue
-        granted = _scope_list(r, {"s": scopes}, "s", gkey)
-        cred = credentials[credential]
-        if isinstance(cred, dict):
-            allowed = set(_scope_list(_Reader(r.env), cred, "scopes", ""))
-            for scope in granted:
-                if scope not in allowed:
-                    r.problem(gkey, f"scope {scope!r} is not allowed by credentials.{credential}.scopes")
-        grants[credential] = frozenset(granted)
-    return CallerSettings(name=name, key_sha256=digest, grants=grants)
 
 
 def parse_settings(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
     """Validate a parsed TOML document (with env overrides applied to it)."""
     _env_overrides(data, env)
-    r = _Reader(env)
-    r.unknown(data, {"server", "redis", "cache", "upstream", "vault", "credentials", "callers"}, "config")
+    r = Reader(env)
+    r.unknown(data, {"server", "redis", "cache", "upstream", "vault", "credentials", "callers", "admins"}, "config")
     server = _server(r, r.table(data, "server", "server"))
     redis = _redis(r, r.table(data, "redis", "redis"))
     cache = _cache(r, r.table(data, "cache", "cache"))
     upstream = _upstream(r, r.table(data, "upstream", "upstream"))
     vault = _section(r, r.table(data, "vault", "vault"), VaultSettings, "vault")
     keyring = _keyring(r, vault, env)
-    raw_credentials = r.table(data, "credentials", "credentials")
-    credentials: dict[str, CredentialSettings] = {}
-    for name, table in raw_credentials.items():
-        if not _NAME.fullmatch(name):
-            r.problem(f"credentials.{name}", "a credential name is 1-64 letters, digits, '.', '_' or '-'")
-            continue
-        if not isinstance(table, dict):
-            r.problem(f"credentials.{name}", "must be a table")
-            continue
-        cred = _credential(r, name, table)
-        if cred is not None:
-            credentials[name] = cred
-    callers: dict[str, CallerSettings] = {}
-    for name, table in r.table(data, "callers", "callers").items():
-        if not _NAME.fullmatch(name):
-            r.problem(f"callers.{name}", "a caller name is 1-64 letters, digits, '.', '_' or '-'")
-            continue
-        if not isinstance(table, dict):
-            r.problem(f"callers.{name}", "must be a table")
-            continue
-        callers[name] = _caller(r, name, table, raw_credentials)
-    seen: dict[str, str] = {}
-    for caller in callers.values():
-        if caller.key_sha256 and caller.key_sha256 in seen:
-            r.problem(
-                f"callers.{caller.name}.key_sha256",
-                f"is the same as callers.{seen[caller.key_sha256]}'s",
-            )
-        seen[caller.key_sha256] = caller.name
+    entries = read_entries(
+        r,
+        r.table(data, "credentials", "credentials"),
+        r.table(data, "callers", "callers"),
+        r.table(data, "admins", "admins"),
+    )
     if r.problems:
         raise ConfigError(r.problems)
     return Settings(
@@ -581,8 +262,9 @@ def parse_settings(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
         cache=cache,
         upstream=upstream,
         vault=vault,
-        credentials=credentials,
-        callers=callers,
+        credentials=entries.credentials,
+        callers=entries.callers,
+        admins=entries.admins,
         warnings=tuple(r.warnings),
         keyring=keyring,
     )

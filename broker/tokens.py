@@ -34,10 +34,11 @@ from broker.events import Event
 from broker.l1 import L1Cache
 from broker.metrics import Stats
 from broker.refusals import RecentRefusals
-from broker.settings import CacheSettings, CredentialSettings
+from broker.settings import CacheSettings
 from broker.singleflight import DistributedFlight, LocalFlight
 from broker.store import Store, TokenKeys
 from broker.upstream import FetchedToken, UpstreamClient
+from broker.vault.models import CredentialSettings
 
 __all__ = ["Invalidation", "Source", "TokenService", "cache_window", "effective_skew", "is_fresh", "satisfies"]
 

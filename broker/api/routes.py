@@ -16,7 +16,7 @@ from broker import scopes
 from broker.api.state import Broker
 from broker.callers import CallerRegistry
 from broker.errors import InvalidRequest
-from broker.settings import CallerSettings, CredentialSettings
+from broker.vault.models import CallerSettings, CredentialSettings
 
 __all__ = ["get_token", "healthz", "invalidate_token", "metrics", "openapi", "parse_min_ttl", "readyz"]
 

@@ -6,7 +6,7 @@ import base64
 from typing import Protocol
 from urllib.parse import quote_plus
 
-from broker.settings import CredentialSettings
+from broker.vault.models import CredentialSettings
 
 __all__ = ["ClientAuth", "ClientSecretBasic", "ClientSecretPost", "client_auth_for"]
 

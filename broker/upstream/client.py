@@ -14,7 +14,7 @@ import structlog
 from broker.clock import Clock, SystemClock
 from broker.errors import UpstreamError, UpstreamInvalidResponse, UpstreamUnavailable
 from broker.metrics import observe_upstream
-from broker.settings import CredentialSettings, UpstreamSettings
+from broker.settings import UpstreamSettings
 from broker.upstream.auth import client_auth_for
 from broker.upstream.breaker import CircuitBreaker
 from broker.upstream.response import (
@@ -23,6 +23,7 @@ from broker.upstream.response import (
     classify_error,
     parse_token_response,
 )
+from broker.vault.models import CredentialSettings
 
 __all__ = ["UpstreamClient", "new_http_client"]
 

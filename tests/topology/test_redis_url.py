@@ -14,8 +14,8 @@ import redis.asyncio as aioredis
 
 from broker import redis_client
 from broker.errors import ConfigError
-from broker.redis_client import RedisTarget, RedisURLError, parse_url
-from broker.settings import RedisSettings, parse_settings, redact_url
+from broker.redis_client import RedisTarget, RedisURLError, parse_url, redact_url
+from broker.settings import RedisSettings, parse_settings
 
 
 @pytest.mark.parametrize(

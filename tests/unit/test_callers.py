@@ -8,7 +8,7 @@ import pytest
 
 from broker.callers import KEY_PREFIX, CallerRegistry, hash_key, new_caller_key
 from broker.errors import AccessDenied, InsufficientScope, InvalidCallerToken
-from broker.settings import CallerSettings
+from broker.vault.models import CallerSettings
 
 BILLING_KEY = new_caller_key()
 REPORTING_KEY = new_caller_key()

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from broker.callers import CallerRegistry, hash_key
-from broker.settings import CallerSettings
 from broker.vault.keyring import KeyRing
+from broker.vault.models import CallerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "cli-s3cret-value"

@@ -11,8 +11,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from broker.secret import Secret
-from broker.settings import CredentialSettings
 from broker.upstream.auth import client_auth_for
+from broker.vault.models import CredentialSettings
 
 
 def credential(client_id: str, secret: str, method: str = "client_secret_basic") -> CredentialSettings:

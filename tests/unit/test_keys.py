@@ -10,8 +10,8 @@ import pytest
 
 from broker.scopes import canonical, parse
 from broker.secret import Secret
-from broker.settings import CredentialSettings
 from broker.store import Keys
+from broker.vault.models import CredentialSettings
 
 BASE = CredentialSettings(
     name="payments",

@@ -14,7 +14,8 @@ from structlog.testing import capture_logs
 
 from broker.logs import REDACTED, configure_logging, redact
 from broker.secret import Secret
-from broker.settings import CredentialSettings, RedisSettings, Settings, parse_settings
+from broker.settings import RedisSettings, Settings, parse_settings
+from broker.vault.models import CredentialSettings
 
 VALUE = "hunter2-client-secret"
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzdmMiLCJleHAiOjE4MDAwMDAwMDB9.c2lnbmF0dXJlLWJ5dGVz"

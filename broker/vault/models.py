@@ -1,0 +1,239 @@
+"""Credentials, callers and admins: the entries of the credential vault, and their validation.
+
+One definition of each field and one check of it, used by the config file loader and by the
+admin API alike (spec §2, §3.6): a problem reads the same wherever the entry came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.reader import Reader, check_url, scope_list, to_str
+from broker.secret import Secret
+
+__all__ = [
+    "AUTH_METHODS",
+    "NAME",
+    "AdminSettings",
+    "CallerSettings",
+    "CredentialSettings",
+    "Entries",
+    "read_admin",
+    "read_caller",
+    "read_credential",
+    "read_entries",
+]
+
+AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+_PLANNED_AUTH_METHODS = ("private_key_jwt", "tls_client_auth")
+_SHA256_HEX = frozenset("0123456789abcdef")
+NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")  # credential, caller, admin names: URL path segments, Redis hash tags
+
+
+@dataclass(frozen=True)
+class CredentialSettings:
+    name: str
+    client_id: str
+    client_secret: Secret
+    token_url: str | None = None
+    issuer: str | None = None
+    auth_method: str = "client_secret_basic"
+    scopes: tuple[str, ...] = ()
+    default_scopes: tuple[str, ...] = ()
+    audience: str | None = None
+    resource: str | None = None
+    extra_params: Mapping[str, str] = field(default_factory=dict)
+    # A fingerprint of every field that shapes a token: part of every Redis key of the credential,
+    # so a changed credential (or another deployment's) never serves the old one's tokens.
+    shape: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fields = [
+            self.client_id,
+            self.token_url,
+            self.issuer,
+            self.auth_method,
+            self.audience,
+            self.resource,
+            sorted(self.extra_params.items()),
+        ]
+        digest = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
+        object.__setattr__(self, "shape", digest)
+
+
+@dataclass(frozen=True)
+class CallerSettings:
+    name: str
+    key_sha256: str  # lowercase hex; the key itself is never stored
+    grants: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    name: str
+    key_sha256: str  # lowercase hex; the key itself is never stored
+
+
+def _key_digest(r: Reader, t: Mapping[str, Any], key: str, command: str) -> str:
+    digest = r.value(t, "key_sha256", f"{key}.key_sha256", to_str, "", "a string").lower()
+    if len(digest) != 64 or not set(digest) <= _SHA256_HEX:
+        r.problem(f"{key}.key_sha256", f"must be 64 hex characters ({command} prints it)")
+    return digest
+
+
+_CREDENTIAL_KEYS = {
+    "issuer",
+    "token_url",
+    "client_id",
+    "client_secret",
+    "auth_method",
+    "scopes",
+    "default_scopes",
+    "audience",
+    "resource",
+    "extra_params",
+}
+_RESERVED_FORM_FIELDS = {
+    "grant_type",
+    "scope",
+    "client_id",
+    "client_secret",
+    "audience",
+    "resource",
+}
+
+
+def read_credential(r: Reader, name: str, t: Mapping[str, Any]) -> CredentialSettings | None:
+    key = f"credentials.{name}"
+    r.unknown(t, _CREDENTIAL_KEYS, key)
+    token_url = r.value(t, "token_url", f"{key}.token_url", to_str, None, "a URL string")
+    issuer = r.value(t, "issuer", f"{key}.issuer", to_str, None, "a URL string")
+    if (token_url is None) == (issuer is None):
+        r.problem(key, "needs exactly one of issuer (OIDC discovery) or token_url")
+    for k, url in (("token_url", token_url), ("issuer", issuer)):
+        if url is not None:
+            check_url(r, f"{key}.{k}", url)
+    client_id = r.value(t, "client_id", f"{key}.client_id", to_str, "", "a string")
+    if not client_id:
+        r.problem(f"{key}.client_id", "is required")
+    auth_method = r.value(t, "auth_method", f"{key}.auth_method", to_str, "client_secret_basic", "a string")
+    if auth_method in _PLANNED_AUTH_METHODS:
+        r.problem(
+            f"{key}.auth_method",
+            f"{auth_method} is not supported yet; use one of {', '.join(AUTH_METHODS)}",
+        )
+    elif auth_method not in AUTH_METHODS:
+        r.problem(f"{key}.auth_method", f"must be one of {', '.join(AUTH_METHODS)}, got {auth_method!r}")
+    secret = r.secret(t, "client_secret", f"{key}.client_secret")
+    allowed = scope_list(r, t, "scopes", f"{key}.scopes")
+    defaults = scope_list(r, t, "default_scopes", f"{key}.default_scopes")
+    for scope in defaults:
+        if scope not in allowed:
+            r.problem(f"{key}.default_scopes", f"scope {scope!r} is not in {key}.scopes")
+    extra = r.table(t, "extra_params", f"{key}.extra_params")
+    for field_name, v in extra.items():
+        if not isinstance(v, str):
+            r.problem(f"{key}.extra_params.{field_name}", "must be a string")
+        elif field_name in _RESERVED_FORM_FIELDS:
+            r.problem(f"{key}.extra_params.{field_name}", "is set by the broker itself")
+    if secret is None:
+        return None
+    return CredentialSettings(
+        name=name,
+        client_id=client_id,
+        client_secret=secret,
+        token_url=token_url,
+        issuer=issuer.rstrip("/") if issuer else None,
+        auth_method=auth_method,
+        scopes=allowed,
+        default_scopes=defaults,
+        audience=r.value(t, "audience", f"{key}.audience", to_str, None, "a string"),
+        resource=r.value(t, "resource", f"{key}.resource", to_str, None, "a string"),
+        extra_params={k: v for k, v in extra.items() if isinstance(v, str)},
+    )
+
+
+def read_caller(
+    r: Reader, name: str, t: Mapping[str, Any], credentials: Mapping[str, Mapping[str, Any]]
+) -> CallerSettings:
+    key = f"callers.{name}"
+    r.unknown(t, {"key_sha256", "grants"}, key)
+    digest = _key_digest(r, t, key, "token-broker caller-key")
+    grants: dict[str, frozenset[str]] = {}
+    for credential, scopes in r.table(t, "grants", f"{key}.grants").items():
+        gkey = f"{key}.grants.{credential}"
+        if credential not in credentials:
+            r.problem(gkey, f"unknown credential {credential!r}")
+            continue
+        granted = scope_list(r, {"s": scopes}, "s", gkey)
+        cred = credentials[credential]
+        if isinstance(cred, Mapping):
+            allowed = set(scope_list(Reader(r.env), cred, "scopes", ""))
+            for scope in granted:
+                if scope not in allowed:
+                    r.problem(gkey, f"scope {scope!r} is not allowed by credentials.{credential}.scopes")
+        grants[credential] = frozenset(granted)
+    return CallerSettings(name=name, key_sha256=digest, grants=grants)
+
+
+def read_admin(r: Reader, name: str, t: Mapping[str, Any]) -> AdminSettings:
+    key = f"admins.{name}"
+    r.unknown(t, {"key_sha256"}, key)
+    return AdminSettings(name=name, key_sha256=_key_digest(r, t, key, "token-broker caller-key --admin"))
+
+
+@dataclass(frozen=True)
+class Entries:
+    credentials: Mapping[str, CredentialSettings]
+    callers: Mapping[str, CallerSettings]
+    admins: Mapping[str, AdminSettings]
+
+
+def read_entries(
+    r: Reader,
+    credentials: Mapping[str, Any],
+    callers: Mapping[str, Any],
+    admins: Mapping[str, Any],
+    *,
+    known_credentials: Mapping[str, Mapping[str, Any]] | None = None,
+    known_digests: Mapping[str, str] | None = None,
+) -> Entries:
+    """Read the `[credentials.*]`, `[callers.*]` and `[admins.*]` tables. `known_credentials` are
+    raw tables a caller's grants may also name (the config file's, for the admin API's entries);
+    `known_digests` are key hashes already in use (digest → "callers.NAME" or "admins.NAME")."""
+    found_credentials: dict[str, CredentialSettings] = {}
+    tables: dict[str, Mapping[str, Any]] = dict(known_credentials or {})
+    for name, table in _named_tables(r, credentials, "credentials", "credential"):
+        tables[name] = table
+        credential = read_credential(r, name, table)
+        if credential is not None:
+            found_credentials[name] = credential
+    found_callers = {
+        name: read_caller(r, name, table, tables) for name, table in _named_tables(r, callers, "callers", "caller")
+    }
+    found_admins = {name: read_admin(r, name, table) for name, table in _named_tables(r, admins, "admins", "admin")}
+    seen: dict[str, str] = dict(known_digests or {})
+    keyed: list[tuple[str, str]] = [(f"callers.{c.name}", c.key_sha256) for c in found_callers.values()]
+    keyed += [(f"admins.{a.name}", a.key_sha256) for a in found_admins.values()]
+    for owner, digest in keyed:
+        if digest and digest in seen:
+            r.problem(f"{owner}.key_sha256", f"is the same as {seen[digest]}'s")
+        seen.setdefault(digest, owner)
+    return Entries(found_credentials, found_callers, found_admins)
+
+
+def _named_tables(r: Reader, tables: Mapping[str, Any], section: str, what: str) -> list[tuple[str, Mapping[str, Any]]]:
+    named: list[tuple[str, Mapping[str, Any]]] = []
+    for name, table in tables.items():
+        if not NAME.fullmatch(name):
+            r.problem(f"{section}.{name}", f"a {what} name is 1-64 letters, digits, '.', '_' or '-'")
+        elif not isinstance(table, dict):
+            r.problem(f"{section}.{name}", "must be a table")
+        else:
+            named.append((name, table))
+    return named
