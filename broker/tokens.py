@@ -1,7 +1,7 @@
 """The token service: L1 → L2 → single-flight fetch, refresh-ahead, invalidation (spec §4).
 
 get ─▶ L1 (this worker, only while subscribed to events) ─▶ L2 (Redis, bounded by its PTTL)
-      ─▶ LocalFlight ─▶ refusal remembered? ─▶ DistributedFlight (lock + fence, double-check)
+      ─▶ LocalFlight ─▶ DistributedFlight (lock + fence, double-check) ─▶ refusal remembered?
       ─▶ upstream ─▶ L2 write (fenced) ─▶ event
 
 One deadline per request, taken when it arrives, bounds every step; a token that is still valid
@@ -265,7 +265,6 @@ class TokenService:
         deadline: float,
     ) -> tuple[CachedToken, Source]:
         since = self.l1.mark()
-        await self.refusals.check(keys)  # the one place a remembered refusal answers
 
         async def fetch_and_share(fence: int) -> CachedToken:
             return await self._share(keys, await self._fetch_upstream(credential, scope_set, keys, deadline, fence))
@@ -282,6 +281,10 @@ class TokenService:
     async def _fetch_upstream(
         self, credential: CredentialSettings, scope_set: str, keys: TokenKeys, deadline: float, fence: int
     ) -> CachedToken:
+        """One upstream request, unless the authorization server refused this one a moment ago:
+        the one place a remembered refusal answers, under the fetch lock, so that a process that
+        waited for the lock sees the refusal its holder just got."""
+        await self.refusals.check(keys)
         try:
             fetched = await self.upstream.fetch(credential, scope_set, deadline)
         except UpstreamRejected as exc:

@@ -29,8 +29,9 @@ from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess, BrokerPro
 # Keys for the callers every test config declares.
 CALLER_KEYS = {"billing": new_caller_key(), "reporting": new_caller_key()}
 SECRET_ENV = "TB_TEST_CLIENT_SECRET"
-# Every broker of the suite encrypts what it stores (spec §6.1), as `serve` requires.
-ENCRYPTION_KEYS = f"suite:{new_key()}"
+# Every broker of the suite encrypts what it stores (spec §6.1), as `serve` requires: in the
+# environment from the start, so brokers of session- and module-scoped fixtures get it too.
+ENCRYPTION_KEYS = os.environ.setdefault("BROKER_ENCRYPTION_KEYS", f"suite:{new_key()}")
 READ, WRITE, ADMIN = "urn:test:claims.read", "urn:test:claims.write", "urn:test:admin"
 
 

@@ -1,0 +1,89 @@
+"""The live registry of credentials, callers and admins (spec §3.6).
+
+One versioned snapshot, seeded by the config file and changed through the admin API, swapped
+atomically: caller authentication, the fast path, the routes and the admin API all read
+`registry.snapshot` (never a copy of their own), so a change is seen by the next request.
+
+    config file ──▶ seed ─┐
+                          ├──▶ Snapshot(version, credentials, callers, admins) ──▶ every reader
+    vault document ──────┘     (the document's version; names unique across both sources)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import structlog
+
+from broker.callers import KeyIndex
+from broker.vault.models import AdminSettings, CallerSettings, CredentialSettings, Entries
+
+__all__ = ["Registry", "Snapshot", "Source"]
+
+log = structlog.get_logger("broker.vault")
+
+Source = Literal["config", "api"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int  # of the vault document it includes (0: none yet)
+    credentials: Mapping[str, CredentialSettings]
+    callers: KeyIndex[CallerSettings]
+    admins: KeyIndex[AdminSettings]
+    caller_entries: Mapping[str, CallerSettings]
+    sources: Mapping[str, Source] = field(default_factory=dict)  # "credentials.NAME" → where it came from
+
+    @classmethod
+    def build(cls, version: int, seed: Entries, api: Entries) -> Snapshot:
+        credentials = {**api.credentials, **seed.credentials}  # the config file wins a name clash
+        callers = {**api.callers, **seed.callers}
+        sources: dict[str, Source] = {}
+        for kind, config_names, api_names in (
+            ("credentials", seed.credentials, api.credentials),
+            ("callers", seed.callers, api.callers),
+        ):
+            sources.update({f"{kind}.{name}": "api" for name in api_names})
+            sources.update({f"{kind}.{name}": "config" for name in config_names})
+        return cls(
+            version=version,
+            credentials=credentials,
+            callers=KeyIndex(callers.values()),
+            admins=KeyIndex(seed.admins.values()),
+            caller_entries=callers,
+            sources=sources,
+        )
+
+    def source(self, kind: str, name: str) -> Source | None:
+        return self.sources.get(f"{kind}.{name}")
+
+
+class Registry:
+    """Holds the current snapshot; `apply` swaps in a new one and tells who cares what changed."""
+
+    def __init__(self, seed: Entries) -> None:
+        self.seed = seed
+        self.snapshot = Snapshot.build(0, seed, Entries({}, {}, {}))
+        self._listeners: list[Callable[[set[str]], None]] = []
+
+    def on_credentials_changed(self, listener: Callable[[set[str]], None]) -> None:
+        """`listener(names)` after every swap that added, changed or removed credentials."""
+        self._listeners.append(listener)
+
+    def apply(self, version: int, api: Entries) -> set[str]:
+        before = self.snapshot
+        after = Snapshot.build(version, self.seed, api)
+        self.snapshot = after  # one assignment: readers see the old snapshot or the new one
+        changed = {
+            name
+            for name in before.credentials.keys() | after.credentials.keys()
+            if before.credentials.get(name) != after.credentials.get(name)
+        }
+        if changed or before.caller_entries != after.caller_entries:
+            log.info("vault.applied", version=version, credentials_changed=sorted(changed))
+        if changed:
+            for listener in self._listeners:
+                listener(changed)
+        return changed
