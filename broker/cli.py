@@ -1,4 +1,4 @@
-"""The `token-broker` command: serve, dev, check-config, caller-key. Entry points only."""
+"""The `token-broker` command: serve, dev, check-config, caller-key, token. Entry points only."""
 
 from __future__ import annotations
 
@@ -284,6 +284,39 @@ Get a token:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a token of the broker (through the SDK, the one client): exit 0, 1 refused, 2 usage."""
+    from broker.client import CALLER_KEY_ENV, BrokerAuth, BrokerClientError  # noqa: PLC0415
+
+    env = args.caller_key_env or CALLER_KEY_ENV
+    key = os.environ.get(env, "")
+    if not key:
+        print(
+            f"error: no caller key: set the environment variable {env} (or name another with --caller-key-env)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        auth = BrokerAuth(args.credential, args.scope, url=args.url, caller_key=key, min_ttl=args.min_ttl)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    with auth:
+        try:
+            token = auth.token()
+        except BrokerClientError as exc:
+            print(f"error: {exc.error_description} ({exc.error})", file=sys.stderr)
+            return 1
+    print(token.answer if args.json else token.access_token)
+    return 0
+
+
+def _seconds(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+        raise argparse.ArgumentTypeError("must be a non-negative integer number of seconds")
+    return int(raw)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="token-broker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -308,6 +341,24 @@ def _parser() -> argparse.ArgumentParser:
     key = sub.add_parser("caller-key", help="print a new caller key and its config lines")
     key.add_argument("name")
     key.set_defaults(func=cmd_caller_key)
+
+    token = sub.add_parser(
+        "token",
+        help='print a token of the broker (for scripts: curl -H "Authorization: Bearer $(token-broker token NAME)")',
+        description="Print an access token of CREDENTIAL from the broker. The caller key comes from an "
+        "environment variable, never from an argument. Exit 0, 1 when the broker refuses, 2 on usage errors.",
+    )
+    token.add_argument("credential")
+    token.add_argument("--scope", help="space-separated scopes (default: the credential's default scopes)")
+    token.add_argument("--min-ttl", type=_seconds, default=0, metavar="N", help="seconds the token must have left")
+    token.add_argument("--url", help="the broker (default: $TOKEN_BROKER_URL, else http://127.0.0.1:8080)")
+    token.add_argument("--json", action="store_true", help="print the broker's JSON answer as it is")
+    token.add_argument(
+        "--caller-key-env",
+        metavar="VAR",
+        help="environment variable holding the caller key (default: TOKEN_BROKER_CALLER_KEY)",
+    )
+    token.set_defaults(func=cmd_token)
     return parser
 
 
