@@ -31,6 +31,7 @@ __all__ = ["main"]
 
 EXIT_CONFIG = 2
 _NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 log = structlog.get_logger("broker.cli")
 
 
@@ -288,7 +289,18 @@ def cmd_token(args: argparse.Namespace) -> int:
     """Print a token of the broker (through the SDK, the one client): exit 0, 1 refused, 2 usage."""
     from broker.client import CALLER_KEY_ENV, BrokerAuth, BrokerClientError  # noqa: PLC0415
 
+    if args.caller_key_argument is not None:
+        # Never echoed: it is a secret, already exposed to ps and the shell history.
+        print(
+            f"error: the caller key is never taken from an argument, where ps and shell history show it:"
+            f" put it in the environment variable {CALLER_KEY_ENV} (or name another with --caller-key-env)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     env = args.caller_key_env or CALLER_KEY_ENV
+    if not _ENV_NAME.fullmatch(env) or env.startswith("tbk_"):  # a key where its variable's name belongs
+        print("error: --caller-key-env takes the name of an environment variable, not its value", file=sys.stderr)
+        return EXIT_CONFIG
     key = os.environ.get(env, "")
     if not key:
         print(
@@ -346,7 +358,9 @@ def _parser() -> argparse.ArgumentParser:
         "token",
         help='print a token of the broker (for scripts: curl -H "Authorization: Bearer $(token-broker token NAME)")',
         description="Print an access token of CREDENTIAL from the broker. The caller key comes from an "
-        "environment variable, never from an argument. Exit 0, 1 when the broker refuses, 2 on usage errors.",
+        "environment variable, never from an argument. Exit 0, 1 when the broker refuses or cannot be reached,"
+        " 2 on usage errors.",
+        allow_abbrev=False,  # `--caller-key X` must not pass for `--caller-key-env X`
     )
     token.add_argument("credential")
     token.add_argument("--scope", help="space-separated scopes (default: the credential's default scopes)")
@@ -358,6 +372,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="VAR",
         help="environment variable holding the caller key (default: TOKEN_BROKER_CALLER_KEY)",
     )
+    token.add_argument("--caller-key", dest="caller_key_argument", help=argparse.SUPPRESS)  # refused, never echoed
     token.set_defaults(func=cmd_token)
     return parser
 
