@@ -1,99 +1,35 @@
-"""The Python SDK for callers: an `httpx.Auth` (and a `requests` auth) that puts a broker token on
-every request. It imports nothing of the server side, so a caller needs only httpx.
-
-    auth = BrokerAuth("payments", scope="urn:axa.claims.read")   # key from $TOKEN_BROKER_CALLER_KEY
-    httpx.Client(auth=auth) · httpx.AsyncClient(auth=auth) · requests.get(url, auth=auth)
-
-One request through it:
-
-    token held in process with more than its margin left? ──yes──▶ send the request with it
-        │ no
-        ▼
-    one broker request per process (a threading lock for sync, an asyncio lock for async;
-    concurrent requests wait for it and reuse its token):
-    GET {url}/v1/tokens/{credential}?scope=…&min_ttl=<margin>      (broker down → a token still
-        │                                                            valid is used meanwhile)
-        ▼
-    send ──401──▶ POST …/invalidate {access_token, scope}: once per rejected token in the process
-                  ──▶ fresh token ──▶ send once more, if the body can be sent again
-
-Margin: max(min_ttl, renew_fraction * the time left when the token arrived), but at most half of
-that time, so that a short-lived token is still used for half its life and never refetched on
-every request (the broker caps min_ttl the same way).
-
-Errors of the broker, and of reaching it:
-
-BrokerClientError        status (None: no answer), error, error_description, retry_after
-├── BrokerRefused        4xx: this caller's request cannot be served as it is (invalid_token,
-│                        access_denied, insufficient_scope, invalid_request, rate_limited, …)
-└── BrokerUnavailable    5xx, or no answer (error "broker_unreachable"): no token for now;
-                         `retry_after` says when to ask again, if the broker said so
-"""
+"""`BrokerAuth`: tokens held in process, renewed at a margin, single-flight per process, and
+the one retry after a 401 (the flow is drawn in broker/client/__init__.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import email.utils
 import functools
 import math
 import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeGuard
 from urllib.parse import quote
 
 import httpx
 
+from broker.client._answers import BrokerUnavailable, Token, error_of, token_of, unreachable
 from broker.secret import Secret
 
 if TYPE_CHECKING:
     import requests
 
-__all__ = ["BrokerAuth", "BrokerClientError", "BrokerRefused", "BrokerUnavailable", "Token"]
+__all__ = ["CALLER_KEY_ENV", "DEFAULT_URL", "URL_ENV", "BrokerAuth"]
 
 URL_ENV = "TOKEN_BROKER_URL"
 CALLER_KEY_ENV = "TOKEN_BROKER_CALLER_KEY"
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TIMEOUT = 15.0  # above the broker's own request deadline (10 s), so its answer arrives
 UNAVAILABLE_PAUSE = 1.0  # after a failed renewal, the held token is used this long before asking again
-
-
-class BrokerClientError(Exception):
-    """The broker gave no token. `str()` is `"<error_description> (<error>)"`; never a secret."""
-
-    def __init__(
-        self, status: int | None, error: str, error_description: str, *, retry_after: float | None = None
-    ) -> None:
-        super().__init__(f"{error_description} ({error})")
-        self.status = status
-        self.error = error
-        self.error_description = error_description
-        self.retry_after = retry_after
-
-
-class BrokerRefused(BrokerClientError):
-    """A 4xx answer: asking again the same way gets the same answer."""
-
-
-class BrokerUnavailable(BrokerClientError):
-    """A 5xx answer, or none at all: no token for now."""
-
-
-@dataclass(frozen=True)
-class Token:
-    """The broker's answer to GET /v1/tokens/{credential}."""
-
-    access_token: str = field(repr=False)
-    token_type: str
-    expires_in: int  # seconds left when the broker answered
-    expires_at: str | None
-    scope: str
-    answer: str = field(repr=False)  # the JSON answer as the broker sent it
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,62 +53,6 @@ class _AsyncState:
         self.lock = asyncio.Lock()
         self.client = client
         self.owned = owned
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "").strip()
-    if value.isascii() and value.isdigit():
-        return float(value)
-    with contextlib.suppress(TypeError, ValueError, IndexError):
-        return max(0.0, (email.utils.parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
-    return None
-
-
-def _error(response: httpx.Response) -> BrokerClientError:
-    """The broker's error answer as the exception of its family."""
-    status = response.status_code
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    error, description = f"http_{status}", f"The broker answered HTTP {status}."
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        error = body["error"]
-        if isinstance(body.get("error_description"), str):
-            description = body["error_description"]
-    kind = BrokerRefused if 400 <= status < 500 else BrokerUnavailable if status >= 500 else BrokerClientError
-    return kind(status, error, description, retry_after=_retry_after(response))
-
-
-def _token(response: httpx.Response) -> Token:
-    if response.status_code != 200:
-        raise _error(response)
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        access_token, expires_in = body.get("access_token"), body.get("expires_in")
-        token_type, scope, expires_at = body.get("token_type", "Bearer"), body.get("scope", ""), body.get("expires_at")
-        if (
-            isinstance(access_token, str)
-            and access_token
-            and isinstance(expires_in, int)
-            and not isinstance(expires_in, bool)
-            and expires_in >= 0
-            and isinstance(token_type, str)
-            and isinstance(scope, str)
-            and isinstance(expires_at, str | None)
-        ):
-            return Token(access_token, token_type, expires_in, expires_at, scope, response.text)
-    raise BrokerClientError(200, "invalid_response", "The broker's answer is not a token response.")
-
-
-def _unreachable(base: str, exc: httpx.HTTPError) -> BrokerClientError:
-    if isinstance(exc, httpx.TransportError):
-        reason = str(exc) or type(exc).__name__
-        return BrokerUnavailable(None, "broker_unreachable", f"The broker at {base} could not be reached: {reason}.")
-    return BrokerClientError(None, "invalid_response", f"The broker at {base} answered unreadably: {exc}.")
 
 
 def _replayable(request: httpx.Request) -> bool:
@@ -282,11 +162,11 @@ class BrokerAuth(httpx.Auth):
         try:
             return self._sync_client().send(request)
         except httpx.HTTPError as exc:
-            raise _unreachable(self.url, exc) from exc
+            raise unreachable(self.url, exc) from exc
 
     def _fetch(self, held: _Held | None) -> _Held:
         asked_at = self._clock()
-        return self._hold(_token(self._send(self._token_request(self._wanted_min_ttl(held)))), asked_at)
+        return self._hold(token_of(self._send(self._token_request(self._wanted_min_ttl(held)))), asked_at)
 
     def _current(self) -> _Held:
         held = self._held
@@ -308,7 +188,7 @@ class BrokerAuth(httpx.Auth):
             if self._held is rejected:
                 response = self._send(self._invalidate_request(rejected.token))
                 if response.status_code != 204:
-                    raise _error(response)
+                    raise error_of(response)
                 self._held = self._fetch(None)
             held = self._held
         return held if held is not None and held.token.access_token != rejected.token.access_token else None
@@ -377,11 +257,11 @@ class BrokerAuth(httpx.Auth):
         try:
             return await self._async_state().client.send(request)
         except httpx.HTTPError as exc:
-            raise _unreachable(self.url, exc) from exc
+            raise unreachable(self.url, exc) from exc
 
     async def _afetch(self, held: _Held | None) -> _Held:
         asked_at = self._clock()
-        return self._hold(_token(await self._asend(self._token_request(self._wanted_min_ttl(held)))), asked_at)
+        return self._hold(token_of(await self._asend(self._token_request(self._wanted_min_ttl(held)))), asked_at)
 
     async def _acurrent(self) -> _Held:
         held = self._held
@@ -402,7 +282,7 @@ class BrokerAuth(httpx.Auth):
             if self._held is rejected:
                 response = await self._asend(self._invalidate_request(rejected.token))
                 if response.status_code != 204:
-                    raise _error(response)
+                    raise error_of(response)
                 self._held = await self._afetch(None)
             held = self._held
         return held if held is not None and held.token.access_token != rejected.token.access_token else None
