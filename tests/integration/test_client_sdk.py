@@ -144,6 +144,29 @@ async def test_concurrent_401s_with_one_rotated_token_cause_one_report_and_one_r
     assert authserver.token_requests() == 2
 
 
+def test_concurrent_401s_in_threads_cause_one_report_and_one_refresh(
+    broker: BrokerProcess, resource: ResourceServer, calls: BrokerCalls, authserver: AuthServerProcess
+) -> None:
+    start = threading.Barrier(30)
+    with sdk(broker, calls) as auth, httpx.Client(auth=auth, limits=httpx.Limits(max_connections=30)) as http:
+        assert http.get(f"{resource.url}/data").status_code == 200
+        old = resource.seen.accepted[-1][0]
+        resource.revoked.add(old)
+
+        def one(_: int) -> int:
+            start.wait(timeout=30)
+            return http.get(f"{resource.url}/data").status_code
+
+        with ThreadPoolExecutor(max_workers=30) as pool:
+            statuses = list(pool.map(one, range(30)))
+
+    assert statuses == [200] * 30
+    assert resource.seen.rejected, "the requests went out with the rotated token"
+    assert calls.reports == [{"access_token": old, "scope": READ}]
+    assert len(calls.token_requests) == 2
+    assert authserver.token_requests() == 2
+
+
 async def test_100_concurrent_async_requests_of_one_client_cost_one_broker_request(
     broker: BrokerProcess, resource: ResourceServer, calls: BrokerCalls, authserver: AuthServerProcess
 ) -> None:
