@@ -1,4 +1,7 @@
-"""The `token-broker` command: serve, dev, check-config, caller-key, encryption-key, rotate-key. Entry points only."""
+"""The `token-broker` command: serve, dev, check-config, caller-key, encryption-key, rotate-key, token.
+
+Entry points only.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ __all__ = ["main"]
 
 EXIT_CONFIG = 2
 _NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 log = structlog.get_logger("broker.cli")
 
 
@@ -348,6 +352,50 @@ Get a token:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a token of the broker (through the SDK, the one client): exit 0, 1 refused, 2 usage."""
+    from broker.client import CALLER_KEY_ENV, BrokerAuth, BrokerClientError  # noqa: PLC0415
+
+    if args.caller_key_argument is not None:
+        # Never echoed: it is a secret, already exposed to ps and the shell history.
+        print(
+            f"error: the caller key is never taken from an argument, where ps and shell history show it:"
+            f" put it in the environment variable {CALLER_KEY_ENV} (or name another with --caller-key-env)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    env = args.caller_key_env or CALLER_KEY_ENV
+    if not _ENV_NAME.fullmatch(env) or env.startswith("tbk_"):  # a key where its variable's name belongs
+        print("error: --caller-key-env takes the name of an environment variable, not its value", file=sys.stderr)
+        return EXIT_CONFIG
+    key = os.environ.get(env, "")
+    if not key:
+        print(
+            f"error: no caller key: set the environment variable {env} (or name another with --caller-key-env)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        auth = BrokerAuth(args.credential, args.scope, url=args.url, caller_key=key, min_ttl=args.min_ttl)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    with auth:
+        try:
+            token = auth.token()
+        except BrokerClientError as exc:
+            print(f"error: {exc.error_description} ({exc.error})", file=sys.stderr)
+            return 1
+    print(token.answer if args.json else token.access_token)
+    return 0
+
+
+def _seconds(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+        raise argparse.ArgumentTypeError("must be a non-negative integer number of seconds")
+    return int(raw)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="token-broker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -385,6 +433,27 @@ def _parser() -> argparse.ArgumentParser:
     key = sub.add_parser("caller-key", help="print a new caller key and its config lines")
     key.add_argument("name")
     key.set_defaults(func=cmd_caller_key)
+
+    token = sub.add_parser(
+        "token",
+        help='print a token of the broker (for scripts: curl -H "Authorization: Bearer $(token-broker token NAME)")',
+        description="Print an access token of CREDENTIAL from the broker. The caller key comes from an "
+        "environment variable, never from an argument. Exit 0, 1 when the broker refuses or cannot be reached,"
+        " 2 on usage errors.",
+        allow_abbrev=False,  # `--caller-key X` must not pass for `--caller-key-env X`
+    )
+    token.add_argument("credential")
+    token.add_argument("--scope", help="space-separated scopes (default: the credential's default scopes)")
+    token.add_argument("--min-ttl", type=_seconds, default=0, metavar="N", help="seconds the token must have left")
+    token.add_argument("--url", help="the broker (default: $TOKEN_BROKER_URL, else http://127.0.0.1:8080)")
+    token.add_argument("--json", action="store_true", help="print the broker's JSON answer as it is")
+    token.add_argument(
+        "--caller-key-env",
+        metavar="VAR",
+        help="environment variable holding the caller key (default: TOKEN_BROKER_CALLER_KEY)",
+    )
+    token.add_argument("--caller-key", dest="caller_key_argument", help=argparse.SUPPRESS)  # refused, never echoed
+    token.set_defaults(func=cmd_token)
     return parser
 
 
