@@ -1,4 +1,4 @@
-"""Caller authentication and grants (spec §3, §6.2).
+"""Caller (and admin) authentication and grants (spec §3, §3.6, §6.2).
 
 Keys are random (256 bits), shown once, stored only as SHA-256. A presented key is hashed and
 looked up by digest, then compared with `hmac.compare_digest`: the lookup is keyed by a hash
@@ -11,12 +11,13 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Generic, Protocol, TypeVar
 
 from broker.errors import AccessDenied, InsufficientScope, InvalidCallerToken
 from broker.vault.models import CallerSettings
 
-__all__ = ["KEY_PREFIX", "CallerRegistry", "hash_key", "new_caller_key"]
+__all__ = ["KEY_PREFIX", "CallerRegistry", "KeyIndex", "hash_key", "new_caller_key"]
 
 KEY_PREFIX = "tbk_"
 _KEY_SHAPE = re.compile(r"[A-Za-z0-9_\-]{16,256}")
@@ -30,24 +31,43 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class CallerRegistry:
-    def __init__(self, callers: Mapping[str, CallerSettings]) -> None:
-        self._by_digest = {bytes.fromhex(c.key_sha256): c for c in callers.values()}
+class _Keyed(Protocol):
+    @property
+    def name(self) -> str: ...
 
-    def authenticate(self, authorization: str | None) -> CallerSettings:
-        """The caller named by an `Authorization: Bearer <key>` header, or InvalidCallerToken."""
+    @property
+    def key_sha256(self) -> str: ...
+
+
+K = TypeVar("K", bound=_Keyed)
+
+
+class KeyIndex(Generic[K]):
+    """Entries (callers, or admins) found by the SHA-256 of their key."""
+
+    def __init__(self, entries: Iterable[K] | Mapping[str, K]) -> None:
+        values = entries.values() if isinstance(entries, Mapping) else entries
+        self._by_digest = {bytes.fromhex(e.key_sha256): e for e in values if e.key_sha256}
+
+    def authenticate(self, authorization: str | None) -> K:
+        """The entry named by an `Authorization: Bearer <key>` header, or InvalidCallerToken."""
         if not authorization:
             raise InvalidCallerToken("A caller key is required: send Authorization: Bearer <key>.")
         scheme, _, key = authorization.partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not _KEY_SHAPE.fullmatch(key):
             raise InvalidCallerToken("The Authorization header must be Bearer followed by a caller key.")
-        digest = hashlib.sha256(key.encode()).digest()
-        caller = self._by_digest.get(digest)
-        if caller is None or not hmac.compare_digest(digest, bytes.fromhex(caller.key_sha256)):
-            raise InvalidCallerToken("The caller key is not valid.")
-        return caller
+        return self.by_key(key)
 
+    def by_key(self, key: str) -> K:
+        digest = hashlib.sha256(key.encode()).digest()
+        entry = self._by_digest.get(digest)
+        if entry is None or not hmac.compare_digest(digest, bytes.fromhex(entry.key_sha256)):
+            raise InvalidCallerToken("The caller key is not valid.")
+        return entry
+
+
+class CallerRegistry(KeyIndex[CallerSettings]):
     @staticmethod
     def granted_scopes(caller: CallerSettings, credential: str) -> frozenset[str]:
         """The scopes `caller` may request of `credential`; AccessDenied without a grant.

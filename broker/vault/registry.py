@@ -17,7 +17,7 @@ from typing import Literal
 
 import structlog
 
-from broker.callers import KeyIndex
+from broker.callers import CallerRegistry, KeyIndex
 from broker.vault.models import AdminSettings, CallerSettings, CredentialSettings, Entries
 
 __all__ = ["Registry", "Snapshot", "Source"]
@@ -31,7 +31,7 @@ Source = Literal["config", "api"]
 class Snapshot:
     version: int  # of the vault document it includes (0: none yet)
     credentials: Mapping[str, CredentialSettings]
-    callers: KeyIndex[CallerSettings]
+    callers: CallerRegistry
     admins: KeyIndex[AdminSettings]
     caller_entries: Mapping[str, CallerSettings]
     sources: Mapping[str, Source] = field(default_factory=dict)  # "credentials.NAME" → where it came from
@@ -50,7 +50,7 @@ class Snapshot:
         return cls(
             version=version,
             credentials=credentials,
-            callers=KeyIndex(callers.values()),
+            callers=CallerRegistry(callers.values()),
             admins=KeyIndex(seed.admins.values()),
             caller_entries=callers,
             sources=sources,
