@@ -5,7 +5,9 @@ BrokerError                      base: status, OAuth-style code, human sentence
 │   ├── InvalidRequest           400 invalid_request
 │   ├── InvalidCallerToken       401 invalid_token
 │   ├── AccessDenied             403 access_denied (same answer whether or not the credential exists)
-│   └── InsufficientScope        403 insufficient_scope
+│   ├── InsufficientScope        403 insufficient_scope
+│   ├── NotFound                 404 not_found (admin API: no such credential or caller)
+│   └── ReadOnly                 409 read_only (admin API: the entry comes from the config file)
 ├── UpstreamError                the authorization server did not give us a token (5xx)
 │   ├── UpstreamRejected         502 upstream_rejected: terminal, not retried
 │   ├── UpstreamInvalidResponse  502 upstream_invalid_response: not a valid token response
@@ -29,6 +31,8 @@ __all__ = [
     "InsufficientScope",
     "InvalidCallerToken",
     "InvalidRequest",
+    "NotFound",
+    "ReadOnly",
     "StoreBusy",
     "StoreUnavailable",
     "UpstreamError",
@@ -86,6 +90,16 @@ class InsufficientScope(CallerError):
     def __init__(self, refused: list[str]) -> None:
         super().__init__("The caller's grant does not include the requested scope(s): " + " ".join(refused) + ".")
         self.refused = refused
+
+
+class NotFound(CallerError):
+    status = 404
+    code = "not_found"
+
+
+class ReadOnly(CallerError):
+    status = 409
+    code = "read_only"
 
 
 class UpstreamError(BrokerError):

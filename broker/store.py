@@ -1,6 +1,7 @@
 """Redis: key names, cached token values, the fetch lock and the events channel (spec §4.1-§4.4).
 
-Nothing else in the broker knows a key name or a Redis command. Every key written has a TTL.
+Nothing else in the broker knows a key name or a Redis command (the Lua scripts are beside it, in
+broker/redis_scripts.py). Every cache key written has a TTL; the vault's two keys are data.
 Redis errors are translated here: StoreUnavailable (an outage) or StoreBusy (no free connection).
 
 Keys, all hash-tagged by credential so one credential's keys share a cluster slot:
@@ -10,7 +11,8 @@ Keys, all hash-tagged by credential so one credential's keys share a cluster slo
     {prefix}:{<credential>}:fence:<id>   the fence counter: every lock taken gets a higher number
     {prefix}:{<credential>}:neg:<id>     a remembered refusal (negative cache)
     {prefix}:{<credential>}:inv:<id>     set for a while after an invalidation (throttles the next)
-    {prefix}:events                      the pub/sub channel of writes and drops
+    {prefix}:events                      the pub/sub channel of writes, drops and vault changes
+    {prefix}:{vault}:document|version    the admin API's credentials and callers, sealed (no TTL)
 
 `<id>` = sha256(credential shape, scope set)[:32]: the shape is a fingerprint of everything in the
 credential that shapes a token (client id, endpoint, auth method, audience, resource, extra
@@ -31,6 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker import redis_scripts as scripts
 from broker.clock import Clock, SystemClock
 from broker.entries import CachedToken, Codec, Rejection
 from broker.errors import StoreBusy, StoreUnavailable
@@ -71,6 +74,13 @@ class Keys:
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = prefix
         self.events = f"{prefix}:events"
+        # The vault document and its version: the broker's own data, not a cache, so no TTL.
+        self.vault_document = f"{prefix}:{{vault}}:document"
+        self.vault_version = f"{prefix}:{{vault}}:version"
+
+    def credential_pattern(self, credential: str) -> str:
+        """Every key of one credential (SCAN MATCH): a deleted credential leaves nothing behind."""
+        return f"{self.prefix}:{{{credential}}}:*"
 
     def for_token(self, credential: str, shape: str, scope_set: str) -> TokenKeys:
         ident = hashlib.sha256(f"{shape}\n{scope_set}".encode()).hexdigest()[:32]
@@ -91,97 +101,6 @@ class Lock:
     key: str
     value: str
     fence: int
-
-
-# A value and its key's PTTL in one round trip: readers bound their copy by the key's own TTL.
-_GET = """
-local v = redis.call('GET', KEYS[1])
-if not v then return false end
-return {v, redis.call('PTTL', KEYS[1])}
-"""
-
-# Fenced write: refused if the stored value (or tombstone) was written under a later lock.
-# Publishes so every worker can update its L1.
-_PUT = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local f = tonumber(string.match(cur, '^v%d|(%d+)|'))
-  if f and f > tonumber(ARGV[1]) then return 0 end
-end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('PUBLISH', ARGV[4], 'set|' .. ARGV[5] .. '|' .. KEYS[1])
-return 1
-"""
-
-# Take the fetch lock (or find it already ours: a retry whose first reply was lost), with a fence
-# above every fence issued or stored for the key. Returns the fence, or 0 when another holds it.
-_ACQUIRE = """
-local held = redis.call('GET', KEYS[1])
-if held then
-  local owner, f = string.match(held, '^(.-)|(%d+)$')
-  if owner == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return tonumber(f)
-  end
-  return 0
-end
-local n = redis.call('INCR', KEYS[2])
-local cur = redis.call('GET', KEYS[3])
-if cur then
-  local f = tonumber(string.match(cur, '^v%d|(%d+)|'))
-  if f and f >= n then
-    n = f + 1
-    redis.call('SET', KEYS[2], n)
-  end
-end
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. n, 'PX', ARGV[2])
-return n
-"""
-
-# Drop only the token that was reported (its fingerprint is one of ARGV[3..], one per encryption
-# key), so a report about a replaced token is a no-op. The drop leaves a tombstone with the
-# token's fence (a late write from an older lock cannot come back) for as long as the token would
-# have been cached. A token younger than ARGV[2] ms is not dropped again while an earlier drop of
-# the key is that recent (a report loop cannot drive fetches).
-# Returns the dropped token's fence, 0 for "not the stored token", -1 for "too soon".
-_DROP_IF = """
-local cur = redis.call('GET', KEYS[1])
-if not cur then return 0 end
-local f, fp, window = string.match(cur, '^v%d|(%d+)|([^|]+)|(%d+)|')
-local reported = false
-for i = 3, #ARGV do
-  if fp == ARGV[i] then reported = true end
-end
-if not reported then return 0 end
-local pttl = redis.call('PTTL', KEYS[1])
-if pttl < 1 then return 0 end
-local min_age = tonumber(ARGV[2])
-if tonumber(window) - pttl < min_age and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
-redis.call('SET', KEYS[1], 'v2|' .. f .. '|-|0|', 'PX', pttl)
-if min_age > 0 then redis.call('SET', KEYS[2], '1', 'PX', min_age) end
-redis.call('PUBLISH', ARGV[1], 'drop|' .. fp .. '|' .. KEYS[1])
-return tonumber(f)
-"""
-
-# rotate-key: replace a value only if nobody changed it meanwhile, keeping its TTL.
-_REWRAP = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
-  return 1
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
 
 
 class Store:
@@ -207,13 +126,14 @@ class Store:
         self.retry_after = retry_after
         self.reachable = True
         self._down_until = 0.0
-        self._get = redis.register_script(_GET)
-        self._put = redis.register_script(_PUT)
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._drop_if = redis.register_script(_DROP_IF)
-        self._release = redis.register_script(_RELEASE)
-        self._renew = redis.register_script(_RENEW)
-        self._rewrap = redis.register_script(_REWRAP)
+        self._get = redis.register_script(scripts.GET)
+        self._put = redis.register_script(scripts.PUT)
+        self._acquire = redis.register_script(scripts.ACQUIRE)
+        self._drop_if = redis.register_script(scripts.DROP_IF)
+        self._release = redis.register_script(scripts.RELEASE)
+        self._renew = redis.register_script(scripts.RENEW)
+        self._rewrap = redis.register_script(scripts.REWRAP)
+        self._vault_put = redis.register_script(scripts.VAULT_PUT)
 
     async def _call(self, command: Callable[..., Awaitable[Any]], *args: Any, probe: bool = False, **kw: Any) -> Any:
         if not probe and not self.reachable and time.monotonic() < self._down_until:
@@ -317,7 +237,7 @@ class Store:
         rewrapped = seen = 0
         async for name in self.redis.scan_iter(match=f"{self.keys.prefix}:*", count=500):
             key = name.decode() if isinstance(name, bytes) else str(name)
-            if ":lock:" in key or ":fence:" in key or ":inv:" in key:
+            if ":lock:" in key or ":fence:" in key or ":inv:" in key or key == self.keys.vault_version:
                 continue
             raw = await self._call(self.redis.get, key)
             if not raw:
@@ -327,3 +247,31 @@ class Store:
             if fresh is not None and await self._call(self._rewrap, keys=[key], args=[raw, fresh]):
                 rewrapped += 1
         return rewrapped, seen
+
+    # -- the vault document (spec §3.6) -------------------------------------------------------------
+
+    async def vault_version(self) -> int:
+        raw = await self._call(self.redis.get, self.keys.vault_version)
+        return int(raw) if raw else 0
+
+    async def get_vault(self) -> tuple[int, bytes | None]:
+        """(version, the opened document) — None when there is none, or it does not open."""
+        version, raw = await self._call(self.redis.mget, [self.keys.vault_version, self.keys.vault_document])
+        if not raw:
+            return (int(version) if version else 0), None
+        return (int(version) if version else 0), self.codec.open(raw, self.keys.vault_document)
+
+    async def put_vault(self, expected_version: int, document: bytes) -> int:
+        """Write the document if the stored version is still `expected_version` → the new version,
+        or 0 when another writer was first."""
+        sealed = self.codec.seal(document, self.keys.vault_document)
+        args = [expected_version, sealed, self.keys.events]
+        keys = [self.keys.vault_document, self.keys.vault_version]
+        return int(await self._call(self._vault_put, keys=keys, args=args))
+
+    async def purge_credential(self, credential: str) -> int:
+        """Delete everything cached for a credential → how many keys."""
+        deleted = 0
+        async for name in self.redis.scan_iter(match=self.keys.credential_pattern(credential), count=500):
+            deleted += int(await self._call(self.redis.delete, name))
+        return deleted

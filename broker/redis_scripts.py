@@ -1,0 +1,111 @@
+"""The Lua scripts of the store (broker/store.py), kept beside it under the same rule: nothing
+else runs Redis commands. Each touches the keys of one (credential, scope set) only, which share a
+hash slot, so they run unchanged on a Redis Cluster.
+
+Values start `v<N>|<fence>|<fingerprint>|<window ms>|` (broker/entries.py): the scripts read
+that header without JSON, and without the encryption key.
+"""
+
+__all__ = ["ACQUIRE", "DROP_IF", "GET", "PUT", "RELEASE", "RENEW", "REWRAP", "VAULT_PUT"]
+
+# A value and its key's PTTL in one round trip: readers bound their copy by the key's own TTL.
+GET = """
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+return {v, redis.call('PTTL', KEYS[1])}
+"""
+
+# Fenced write: refused if the stored value (or tombstone) was written under a later lock.
+# Publishes so every worker can update its L1.
+PUT = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local f = tonumber(string.match(cur, '^v%d|(%d+)|'))
+  if f and f > tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], 'set|' .. ARGV[5] .. '|' .. KEYS[1])
+return 1
+"""
+
+# Take the fetch lock (or find it already ours: a retry whose first reply was lost), with a fence
+# above every fence issued or stored for the key. Returns the fence, or 0 when another holds it.
+ACQUIRE = """
+local held = redis.call('GET', KEYS[1])
+if held then
+  local owner, f = string.match(held, '^(.-)|(%d+)$')
+  if owner == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(f)
+  end
+  return 0
+end
+local n = redis.call('INCR', KEYS[2])
+local cur = redis.call('GET', KEYS[3])
+if cur then
+  local f = tonumber(string.match(cur, '^v%d|(%d+)|'))
+  if f and f >= n then
+    n = f + 1
+    redis.call('SET', KEYS[2], n)
+  end
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. n, 'PX', ARGV[2])
+return n
+"""
+
+# Drop only the token that was reported (its fingerprint is one of ARGV[3..], one per encryption
+# key), so a report about a replaced token is a no-op. The drop leaves a tombstone with the
+# token's fence (a late write from an older lock cannot come back) for as long as the token would
+# have been cached. A token younger than ARGV[2] ms is not dropped again while an earlier drop of
+# the key is that recent (a report loop cannot drive fetches).
+# Returns the dropped token's fence, 0 for "not the stored token", -1 for "too soon".
+DROP_IF = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local f, fp, window = string.match(cur, '^v%d|(%d+)|([^|]+)|(%d+)|')
+local reported = false
+for i = 3, #ARGV do
+  if fp == ARGV[i] then reported = true end
+end
+if not reported then return 0 end
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl < 1 then return 0 end
+local min_age = tonumber(ARGV[2])
+if tonumber(window) - pttl < min_age and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+redis.call('SET', KEYS[1], 'v2|' .. f .. '|-|0|', 'PX', pttl)
+if min_age > 0 then redis.call('SET', KEYS[2], '1', 'PX', min_age) end
+redis.call('PUBLISH', ARGV[1], 'drop|' .. fp .. '|' .. KEYS[1])
+return tonumber(f)
+"""
+
+# rotate-key: replace a value only if nobody changed it meanwhile, keeping its TTL.
+REWRAP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  return 1
+end
+return 0
+"""
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+# The vault document: replaced only by a writer that read the current version (compare-and-set),
+# then announced on the events channel so every worker reloads it at once.
+VAULT_PUT = """
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+if current ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+local version = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[3], 'vault|' .. version .. '|' .. KEYS[1])
+return version
+"""
