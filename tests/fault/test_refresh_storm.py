@@ -52,7 +52,6 @@ async def hits_past_the_refresh_point(
         hits += 1
         await asyncio.sleep(HIT_INTERVAL)
     await asyncio.sleep(0.3)  # a refresh the last hits started is counted too
-    print(f"STORM hits={hits} upstream={authserver.token_requests() - before}")
     return hits, authserver.token_requests() - before
 
 
