@@ -89,7 +89,6 @@ def test_a_replica_behind_does_not_serve_its_copy_after_the_shared_token_expired
     real life."""
     writer, reader = replicas(-SKEW)
     authserver.configure(lifetime=4)  # effective skew 1 s: the key lives 3 s
-    issued = time.monotonic()
     token = get(writer)["access_token"]
     assert get(reader)["access_token"] == token  # read from Redis: now in the reader's L1
     assert get(reader)["access_token"] == token
@@ -100,7 +99,6 @@ def test_a_replica_behind_does_not_serve_its_copy_after_the_shared_token_expired
     assert body["access_token"] != token, "the reader served its copy after the shared token expired"
     assert authserver.token_requests() == 2
     assert body["expires_in"] <= 4
-    assert time.monotonic() - issued >= 3  # the old token's life was nearly over: it had to go
 
 
 def test_a_replica_ahead_keeps_a_shared_token_that_is_still_fresh(
@@ -125,8 +123,8 @@ def test_recent_fetch_is_judged_by_the_readers_own_clock(replicas: Replicas, aut
     ignored for that long."""
     writer, reader = replicas(-SKEW, BROKER_CACHE_REFRESH_AT="0.95,0.99")  # no refresh-ahead meanwhile
     authserver.configure(lifetime=8)  # cached for 6 s; min_ttl asks for at most half its life (4 s)
-    issued = time.monotonic()
     token = get(writer)["access_token"]
+    issued = time.monotonic()  # the token is at least this old from here on
     assert get(reader)["access_token"] == token
     time.sleep(max(0.0, issued + 4.3 - time.monotonic()))  # 3.7 s left: less than min_ttl asks
     body = get(reader, min_ttl=3600)

@@ -26,9 +26,9 @@ from tests.support import AuthServerProcess, BrokerProcess
 pytestmark = pytest.mark.slow
 
 LIFETIME = 30  # effective skew min(30, 30/4) = 7.5 s: cached for 22.5 s after it was issued
-# refresh-ahead due 2.25-3.4 s after the token was issued
+# refresh-ahead due 2.25-3.375 s after the token was issued
 EARLY_REFRESH = {"BROKER_CACHE_REFRESH_AT": "0.1,0.15"}
-PAST_REFRESH_POINT = 3.6
+PAST_REFRESH_POINT = 3.4
 HITS_FOR = 2.0
 HIT_INTERVAL = 0.01  # ~100 hits a second, spread over both workers
 MAX_UPSTREAM = 6  # a handful: a few refresh attempts (or backoff retries) per worker, not one per hit
@@ -73,8 +73,8 @@ async def storm(
     (broker,) = start_brokers(write_config(), workers=2, env=EARLY_REFRESH)
     async with contextlib.AsyncExitStack() as stack:
         clients = list((await pinned_workers(broker, stack)).values())
-        issued = time.monotonic()
         warm = [await get_token(client) for client in clients]  # one fetch, then both workers hold it
+        issued = time.monotonic()  # the token is at least this old from here on
         assert {response.status_code for response in warm} == {200}
         assert authserver.token_requests() == 1
         if after_warm:
@@ -91,7 +91,7 @@ async def test_a_reissued_token_with_less_time_left_does_not_make_every_hit_refr
     old entry as success and cleared the backoff, and every following hit fetched upstream."""
     authserver.configure(lifetime=LIFETIME, reissue=True)
     hits, upstream = await storm(write_config, authserver, start_brokers)
-    assert hits >= 50, f"only {hits} hits in {HITS_FOR} s: too few to tell a storm"
+    assert hits >= 30, f"only {hits} hits in {HITS_FOR} s: too few to tell a storm"
     assert 1 <= upstream <= MAX_UPSTREAM, f"{upstream} upstream requests for {hits} hits past the refresh point"
 
 
@@ -104,7 +104,7 @@ async def test_lowered_lifetimes_do_not_make_every_hit_refresh(
     authserver.configure(lifetime=LIFETIME)
     # refreshed tokens live 20 s: cached for 15 s, their own refresh point 1.5-2.25 s later
     hits, upstream = await storm(write_config, authserver, start_brokers, after_warm={"lifetime": 20})
-    assert hits >= 50, f"only {hits} hits in {HITS_FOR} s: too few to tell a storm"
+    assert hits >= 30, f"only {hits} hits in {HITS_FOR} s: too few to tell a storm"
     assert 1 <= upstream <= MAX_UPSTREAM, f"{upstream} upstream requests for {hits} hits past the refresh point"
 
 
@@ -116,6 +116,6 @@ async def test_a_refresh_too_short_lived_to_cache_backs_off(
     past its refresh point, and every following hit fetched again. Now it backs off (1 s, 2 s …)."""
     authserver.configure(lifetime=LIFETIME)
     hits, upstream = await storm(write_config, authserver, start_brokers, after_warm={"lifetime": 1})
-    assert hits >= 50, f"only {hits} hits in {HITS_FOR} s: too few to tell a storm"
+    assert hits >= 30, f"only {hits} hits in {HITS_FOR} s: too few to tell a storm"
     # per worker: the first attempt at the refresh point, one retry after 1 s (the next after 2 s more)
     assert 1 <= upstream <= MAX_UPSTREAM, f"{upstream} upstream requests for {hits} hits past the refresh point"

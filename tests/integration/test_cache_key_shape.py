@@ -89,6 +89,10 @@ CHANGES: dict[str, tuple[dict[str, Any], Check]] = {
         {"payments_extra": 'auth_method = "client_secret_post"\n'},
         lambda jwt, request: request["auth"] == "post",
     ),
+    "resource": (
+        {"payments_extra": 'resource = "https://api.example/"\n'},
+        lambda jwt, request: request["form"].get("resource") == "https://api.example/",
+    ),
     "extra_params": (
         {"payments_extra": 'extra_params = { tenant = "blue" }\n'},
         lambda jwt, request: request["form"].get("tenant") == "blue",
@@ -102,8 +106,8 @@ def test_a_changed_credential_fetches_its_own_token_from_a_shared_redis(
     config_with: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers, change: str
 ) -> None:
     """Defect (hardening item 7): keys were `tb:{name}:…`, so a rolling deploy that changed a
-    token-shaping field of a credential (client_id, audience, auth_method, extra_params, issuer
-    instead of token_url) served
+    token-shaping field of a credential (client_id, audience, auth_method, resource, extra_params,
+    issuer instead of token_url) served
     the old pod's token from Redis, minted for the old config, with zero upstream calls."""
     changed, is_new_config = CHANGES[change]
     (old_pod,) = start_brokers(config_with("old.toml"), workers=1)
