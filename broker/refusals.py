@@ -2,8 +2,9 @@
 
 A misconfigured credential must not be hammered: a refusal (`upstream_rejected`) is kept per
 (credential, scope set) for `[cache] negative_ttl_seconds`, in this worker and in Redis so every
-worker and replica answers from it. It is consulted in one place only, at the start of a fetch,
-so it is an upstream error like any other there: a still-valid cached token beats it.
+worker and replica answers from it. It is consulted only inside a fetch (at its start, and again
+under the fetch lock, for a holder that was refused while we waited), so it is an upstream error
+like any other there: a still-valid cached token beats it.
 """
 
 from __future__ import annotations

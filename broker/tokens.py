@@ -257,9 +257,11 @@ class TokenService:
         deadline: float,
     ) -> tuple[CachedToken, Source]:
         since = self.l1.mark()
-        await self.refusals.check(keys)  # the one place a remembered refusal answers
+        await self.refusals.check(keys)  # a remembered refusal answers inside the fallback only
 
         async def fetch_and_share(fence: int) -> CachedToken:
+            # Again under the lock: the holder we waited for may have been refused meanwhile.
+            await self.refusals.check(keys)
             return await self._share(keys, await self._fetch_upstream(credential, scope_set, keys, deadline, fence))
 
         try:
