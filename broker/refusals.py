@@ -2,8 +2,10 @@
 
 A misconfigured credential must not be hammered: a refusal (`upstream_rejected`) is kept per
 (credential, scope set) for `[cache] negative_ttl_seconds`, in this worker and in Redis so every
-worker and replica answers from it. It is consulted in one place only, at the start of a fetch,
-so it is an upstream error like any other there: a still-valid cached token beats it.
+worker and replica answers from it. It is consulted in one place only, right before an upstream
+request (under the fetch lock, so a process that waited for the lock sees the refusal its holder
+just got), inside the fetch, so it is an upstream error like any other: a still-valid cached token
+beats it.
 """
 
 from __future__ import annotations

@@ -90,6 +90,10 @@ class Config:
     grant_scope: str | None = None
     jwt_lifetime: int | None = None  # the JWT's exp, in seconds from now; None: the same as lifetime
     discovery_fault: str = "none"
+    # Like servers that cache per client: while a token issued to the same client for the same
+    # scope and audience has a whole second left, issue it again (same access_token), with
+    # expires_in = the whole seconds it has left (rounded down).
+    reissue: bool = False
 
     def updated(self, changes: object) -> Config:
         if not isinstance(changes, dict):
@@ -103,13 +107,14 @@ class Config:
             "grant_scope": (str, type(None)),
             "jwt_lifetime": (int, type(None)),
             "discovery_fault": (str,),
+            "reissue": (bool,),
         }
         for name, value in changes.items():
             if name == "expires_in":
                 continue  # any JSON value, sent verbatim
             if name not in types:
                 raise ValueError(f"unknown config key {name!r}")
-            if isinstance(value, bool) or not isinstance(value, types[name]):
+            if (isinstance(value, bool) and bool not in types[name]) or not isinstance(value, types[name]):
                 raise TypeError(f"bad type for {name}: {value!r}")
         if changes.get("fault", "none") not in FAULTS:
             raise ValueError(f"unknown fault {changes['fault']!r}; known: {sorted(FAULTS)}")
@@ -146,6 +151,7 @@ class State:
         self.jwks_requests = 0
         self.elsewhere_requests = 0
         self.requests: deque[dict[str, Any]] = deque(maxlen=1000)
+        self.issued: dict[tuple[str, str, str], tuple[str, float, str]] = {}  # → (token, expiry, scope)
 
     def take_fault(self) -> str:
         fault, count = self.config.fault, self.config.fault_count
@@ -350,14 +356,20 @@ class AuthServer:
             raise OAuthError(400, "invalid_scope", f"scope not allowed: {' '.join(bad)}")
         scope = requested if scopes else DEFAULT_SCOPE
         granted = config.grant_scope if config.grant_scope is not None else scope
+        audience = form.get("audience", DEFAULT_AUDIENCE)
 
         now = time.time()
+        issued_key = (client_id, scope, audience)
+        if config.reissue and (earlier := self.state.issued.get(issued_key)) and earlier[1] - now >= 1:
+            token, expiry, granted = earlier
+            left = math.floor(expiry - now)
+            return _json({"access_token": token, "token_type": config.token_type, "expires_in": left, "scope": granted})
         jwt_lifetime = config.lifetime if config.jwt_lifetime is None else config.jwt_lifetime
         claims = {
             "iss": self.issuer,
             "sub": client_id,
             "client_id": client_id,
-            "aud": form.get("audience", DEFAULT_AUDIENCE),
+            "aud": audience,
             "scope": granted,
             "iat": int(now),
             # Rounded up: exp is never earlier than expires_in says (the broker takes the earlier).
@@ -374,6 +386,8 @@ class AuthServer:
         elif config.expires_in is not ExpiresIn.OMIT:
             body["expires_in"] = config.expires_in
         body["scope"] = granted
+        if config.reissue:
+            self.state.issued[issued_key] = (body["access_token"], now + config.lifetime, granted)
         return _json(body)
 
     def _fault(self, fault: str) -> Response:

@@ -211,3 +211,22 @@ def test_jwt_lifetime_sets_exp_apart_from_expires_in(server: AuthServerProcess, 
     payload = body["access_token"].split(".")[1]
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     assert claims["exp"] - claims["iat"] in (-30, -29)
+
+
+def test_reissue_hands_out_the_same_token_with_the_whole_seconds_it_has_left(
+    server: AuthServerProcess, http: httpx.Client
+) -> None:
+    server.configure(lifetime=30, reissue=True)
+    headers = basic(CLIENT_ID, CLIENT_SECRET)
+    first = http.post(server.token_url, data={**GRANT, "scope": "urn:a"}, headers=headers).json()
+    again = http.post(server.token_url, data={**GRANT, "scope": "urn:a"}, headers=headers).json()
+    other = http.post(server.token_url, data={**GRANT, "scope": "urn:b"}, headers=headers).json()
+    assert first["expires_in"] == 30
+    assert again["access_token"] == first["access_token"]
+    assert again["expires_in"] == 29  # rounded down, never more than the token has left
+    assert other["access_token"] != first["access_token"]  # per client, scope and audience
+    server.configure(reissue=False)
+    fresh = http.post(server.token_url, data={**GRANT, "scope": "urn:a"}, headers=headers).json()
+    assert fresh["access_token"] != first["access_token"]
+    with pytest.raises(ValueError, match="bad type"):
+        server.configure(reissue=1)
