@@ -45,25 +45,27 @@ K = TypeVar("K", bound=_Keyed)
 class KeyIndex(Generic[K]):
     """Entries (callers, or admins) found by the SHA-256 of their key."""
 
-    def __init__(self, entries: Iterable[K] | Mapping[str, K]) -> None:
+    def __init__(self, entries: Iterable[K] | Mapping[str, K], *, what: str = "caller") -> None:
         values = entries.values() if isinstance(entries, Mapping) else entries
         self._by_digest = {bytes.fromhex(e.key_sha256): e for e in values if e.key_sha256}
+        self.what = what
+        self._a_key = f"{'an' if what[0] in 'aeiou' else 'a'} {what} key"
 
     def authenticate(self, authorization: str | None) -> K:
         """The entry named by an `Authorization: Bearer <key>` header, or InvalidCallerToken."""
         if not authorization:
-            raise InvalidCallerToken("A caller key is required: send Authorization: Bearer <key>.")
+            raise InvalidCallerToken(f"{self._a_key.capitalize()} is required: send Authorization: Bearer <key>.")
         scheme, _, key = authorization.partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not _KEY_SHAPE.fullmatch(key):
-            raise InvalidCallerToken("The Authorization header must be Bearer followed by a caller key.")
+            raise InvalidCallerToken(f"The Authorization header must be Bearer followed by {self._a_key}.")
         return self.by_key(key)
 
     def by_key(self, key: str) -> K:
         digest = hashlib.sha256(key.encode()).digest()
         entry = self._by_digest.get(digest)
         if entry is None or not hmac.compare_digest(digest, bytes.fromhex(entry.key_sha256)):
-            raise InvalidCallerToken("The caller key is not valid.")
+            raise InvalidCallerToken(f"The {self.what} key is not valid.")
         return entry
 
 

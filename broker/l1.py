@@ -7,6 +7,7 @@ availability wins); the token service decides that, this module only keeps the c
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from broker.entries import CachedToken
 
@@ -73,6 +74,10 @@ class L1Cache:
 
     def drop(self, key: str) -> None:
         self._entries.pop(key, None)
+
+    def drop_where(self, predicate: Callable[[str], bool]) -> None:
+        for key in [key for key in self._entries if predicate(key)]:
+            del self._entries[key]
 
     def clear(self) -> None:
         self._entries.clear()

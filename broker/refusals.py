@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 from broker.entries import Rejection
 from broker.errors import StoreBusy, StoreUnavailable, UpstreamRejected
@@ -47,6 +48,11 @@ class RecentRefusals:
             return
         if shared is not None:
             raise _error(shared)
+
+    def forget(self, predicate: Callable[[str], bool]) -> None:
+        """Drop this worker's copies of the refusals whose key `predicate` picks (a changed credential)."""
+        for key in [key for key in self._local if predicate(key)]:
+            del self._local[key]
 
     async def remember(self, keys: TokenKeys, exc: UpstreamRejected) -> None:
         if self.ttl <= 0:

@@ -135,6 +135,15 @@ class TokenService:
             keys = self._keys[memo] = self.store.keys.for_token(credential.name, credential.shape, scope_set)
         return keys
 
+    def forget(self, credentials: set[str]) -> None:
+        """These credentials changed (or went): drop what this worker remembers of them. Their
+        tokens in Redis are unreachable anyway when the change shaped them (keys carry the shape)."""
+        tags = tuple(f":{{{name}}}:" for name in credentials)
+        self.l1.drop_where(lambda key: any(tag in key for tag in tags))
+        self.refusals.forget(lambda key: any(tag in key for tag in tags))
+        self._keys = {memo: keys for memo, keys in self._keys.items() if memo[0] not in credentials}
+        self.upstream.forget(credentials)
+
     # -- events -------------------------------------------------------------------------------
 
     def on_event(self, event: Event) -> None:

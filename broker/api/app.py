@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,21 +17,24 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker import metrics, redis_client
-from broker.api import routes
+from broker.api import admin, routes
+from broker.api.admin import AdminAuth
 from broker.api.fastpath import FastPath
 from broker.api.middleware import CallerAuth, RequestLimits, RequestLog
 from broker.api.state import Broker, Health
 from broker.audit import AuditTrail
-from broker.callers import CallerRegistry
 from broker.clock import Clock, SystemClock
 from broker.entries import Codec
-from broker.errors import BrokerError, StoreUnavailable
-from broker.events import EventSubscriber
+from broker.errors import BrokerError, StoreBusy, StoreUnavailable
+from broker.events import Event, EventSubscriber
 from broker.settings import Settings
 from broker.store import Store
 from broker.tasks import cancel
 from broker.tokens import TokenService
 from broker.upstream import UpstreamClient, new_http_client
+from broker.vault.models import Entries
+from broker.vault.registry import Registry
+from broker.vault.sync import VaultSync
 
 __all__ = ["create_app"]
 
@@ -92,7 +96,7 @@ async def _watch_redis(store: Store, health: Health) -> None:
 
 def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: bool = True) -> Starlette:
     clock = clock or SystemClock()
-    callers = CallerRegistry(settings.callers)
+    registry = Registry(Entries(settings.credentials, settings.callers, settings.admins))
     # L1 hits in pure ASGI; off with access_log, which logs every hit (broker/api/fastpath.py)
     fast = fast_path and not settings.server.access_log
 
@@ -118,17 +122,31 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             request_deadline=settings.server.request_deadline_seconds,
             clock=clock,
         )
-        subscriber = EventSubscriber(redis, store.keys.events, tokens.on_event, tokens.on_subscription)
+        vault = VaultSync(store, registry, os.environ)
+        registry.on_credentials_changed(tokens.forget)
+
+        def on_event(event: Event) -> None:
+            if event.op == "vault":
+                vault.poke()
+            else:
+                tokens.on_event(event)
+
+        subscriber = EventSubscriber(redis, store.keys.events, on_event, tokens.on_subscription)
         health = Health()
         audit = AuditTrail()
         audit.start()
         subscriber.start()
         watcher = asyncio.create_task(_watch_redis(store, health), name="tb-health")
         flusher = asyncio.create_task(_flush_metrics(tokens), name="tb-metrics")
+        with contextlib.suppress(StoreUnavailable, StoreBusy):
+            await vault.refresh()  # the admin API's entries, before the first request
+        syncer = asyncio.create_task(vault.run(), name="tb-vault")
         await subscriber.wait_live(2.0)
         try:
-            yield {"broker": Broker(settings, callers, tokens, store, health, clock, audit)}
+            yield {"broker": Broker(settings, registry, vault, tokens, store, health, clock, audit)}
         finally:
+            await cancel(syncer)
+            registry.forget_listeners()
             await cancel(watcher)
             await cancel(flusher)
             await subscriber.stop()
@@ -148,12 +166,22 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             Route("/readyz", routes.readyz, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
             Route("/openapi.yaml", routes.openapi, methods=["GET"]),
+            Route("/v1/admin/credentials", admin.list_credentials, methods=["GET"]),
+            Route("/v1/admin/credentials/{name}", admin.get_credential, methods=["GET"]),
+            Route("/v1/admin/credentials/{name}", admin.put_credential, methods=["PUT"]),
+            Route("/v1/admin/credentials/{name}", admin.delete_credential, methods=["DELETE"]),
+            Route("/v1/admin/callers", admin.list_callers, methods=["GET"]),
+            Route("/v1/admin/callers/{name}", admin.get_caller, methods=["GET"]),
+            Route("/v1/admin/callers/{name}", admin.put_caller, methods=["PUT"]),
+            Route("/v1/admin/callers/{name}", admin.delete_caller, methods=["DELETE"]),
+            Route("/v1/admin/callers/{name}/key", admin.new_key, methods=["POST"]),
         ],
         middleware=[
             Middleware(RequestLimits),
             *([Middleware(FastPath, max_encoded=settings.cache.l1_max_entries)] if fast else []),
             Middleware(RequestLog, access_log=settings.server.access_log),
-            Middleware(CallerAuth, callers=callers),
+            Middleware(CallerAuth, registry=registry),
+            Middleware(AdminAuth),
         ],
         exception_handlers={BrokerError: _broker_error, HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,

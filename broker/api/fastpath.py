@@ -123,8 +123,9 @@ class FastPath:
             if header == b"authorization":
                 authorization = value.decode("latin-1")
                 break
+        snapshot = broker.registry.snapshot
         try:
-            caller = broker.callers.authenticate(authorization)
+            caller = snapshot.callers.authenticate(authorization)
         except BrokerError:
             return None
         granted = caller.grants.get(name)
@@ -133,7 +134,7 @@ class FastPath:
         query = self._query(scope["query_string"])
         if query is None:
             return None
-        credential = broker.settings.credentials.get(name)
+        credential = snapshot.credentials.get(name)
         if credential is None:
             return None
         scope_set = query.scope_set

@@ -10,8 +10,8 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.callers import CallerRegistry
 from broker.errors import BrokerError, InvalidRequest
+from broker.vault.registry import Registry
 
 __all__ = ["MAX_HEADERS", "MAX_HEADER_BYTES", "CallerAuth", "RequestLimits", "RequestLog", "error_response_parts"]
 
@@ -126,14 +126,16 @@ def _request_id(scope: Scope) -> str:
 
 
 class CallerAuth:
-    """Authenticates callers on /v1/ routes; everything else passes through untouched."""
+    """Authenticates callers on /v1/ routes (the admin API has its own keys); everything else
+    passes through untouched. Callers are read from the live registry on every request."""
 
-    def __init__(self, app: ASGIApp, *, callers: CallerRegistry) -> None:
+    def __init__(self, app: ASGIApp, *, registry: Registry) -> None:
         self.app = app
-        self.callers = callers
+        self.registry = registry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        path: str = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/") or path.startswith("/v1/admin/"):
             await self.app(scope, receive, send)
             return
         authorization: str | None = None
@@ -143,7 +145,7 @@ class CallerAuth:
                 break
         state: dict[str, Any] = scope.setdefault("state", {})
         try:
-            caller = self.callers.authenticate(authorization)
+            caller = self.registry.snapshot.callers.authenticate(authorization)
         except BrokerError as error:
             state["error"] = error.code
             await send_error(send, error)

@@ -15,10 +15,10 @@ from broker import metrics as metrics_mod
 from broker import scopes
 from broker.api.state import Broker
 from broker.callers import CallerRegistry
-from broker.errors import InvalidRequest
+from broker.errors import AccessDenied, InvalidRequest
 from broker.vault.models import CallerSettings, CredentialSettings
 
-__all__ = ["get_token", "healthz", "invalidate_token", "metrics", "openapi", "parse_min_ttl", "readyz"]
+__all__ = ["get_token", "healthz", "invalidate_token", "json_body", "metrics", "openapi", "parse_min_ttl", "readyz"]
 
 MAX_MIN_TTL = 366 * 24 * 3600
 MAX_QUERY_BYTES = 4096
@@ -42,8 +42,11 @@ def _granted(request: Request) -> tuple[CredentialSettings, frozenset[str]]:
     caller: CallerSettings = request.state.caller
     name: str = request.path_params["credential"]
     granted = CallerRegistry.granted_scopes(caller, name)
+    credential = _broker(request).registry.snapshot.credentials.get(name)
+    if credential is None:  # a grant for a credential deleted meanwhile: the same answer as none
+        raise AccessDenied()
     request.state.credential = name
-    return _broker(request).settings.credentials[name], granted
+    return credential, granted
 
 
 def _scope_set(credential: CredentialSettings, granted: frozenset[str], raw_scope: str | None) -> str:
@@ -105,7 +108,7 @@ async def get_token(request: Request) -> Response:
 async def invalidate_token(request: Request) -> Response:
     broker = _broker(request)
     credential, granted = _granted(request)
-    payload = await _json_body(request, broker.settings.server.max_body_bytes)
+    payload = await json_body(request, broker.settings.server.max_body_bytes)
     token = payload.get("access_token")
     if not isinstance(token, str) or not token or len(token) > 16384 or not _printable_ascii(token):
         raise InvalidRequest("The body must carry the rejected access_token as a string.")
@@ -122,7 +125,7 @@ def _printable_ascii(text: str) -> bool:
     return text.isascii() and text.isprintable()
 
 
-async def _json_body(request: Request, limit: int) -> dict[str, Any]:
+async def json_body(request: Request, limit: int) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared is not None and not (declared.isascii() and declared.isdigit() and int(declared[:12]) <= limit):
         raise InvalidRequest(f"The request body must be a JSON object of at most {limit} bytes.")

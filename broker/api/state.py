@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.audit import AuditTrail
-from broker.callers import CallerRegistry
 from broker.clock import Clock
 from broker.settings import Settings
 from broker.store import Store
 from broker.tokens import TokenService
+from broker.vault.registry import Registry
+from broker.vault.sync import VaultSync
 
 __all__ = ["Broker", "Health"]
 
@@ -21,8 +22,9 @@ class Health:
 
 @dataclass
 class Broker:
-    settings: Settings
-    callers: CallerRegistry
+    settings: Settings  # the static config; credentials and callers: `registry.snapshot`
+    registry: Registry
+    vault: VaultSync
     tokens: TokenService
     store: Store
     health: Health

@@ -85,6 +85,12 @@ class UpstreamClient:
         self._discovery_locks: dict[str, asyncio.Lock] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
 
+    def forget(self, credentials: set[str]) -> None:
+        """These credentials changed: their circuit breakers start closed, discovery anew."""
+        for name in credentials:
+            self._breakers.pop(name, None)
+        self._discovered.clear()
+
     def breaker(self, credential: str) -> CircuitBreaker:
         breaker = self._breakers.get(credential)
         if breaker is None:

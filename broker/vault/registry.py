@@ -51,7 +51,7 @@ class Snapshot:
             version=version,
             credentials=credentials,
             callers=CallerRegistry(callers.values()),
-            admins=KeyIndex(seed.admins.values()),
+            admins=KeyIndex(seed.admins.values(), what="admin"),
             caller_entries=callers,
             sources=sources,
         )
@@ -71,6 +71,9 @@ class Registry:
     def on_credentials_changed(self, listener: Callable[[set[str]], None]) -> None:
         """`listener(names)` after every swap that added, changed or removed credentials."""
         self._listeners.append(listener)
+
+    def forget_listeners(self) -> None:
+        self._listeners.clear()
 
     def apply(self, version: int, api: Entries) -> set[str]:
         before = self.snapshot

@@ -1,0 +1,242 @@
+"""The admin API: the operators' credential vault at run time (spec §3.6).
+
+Admin keys only (`[admins.NAME] key_sha256`): caller keys never work here, admin keys never get
+tokens. Entries from the config file are listed but read-only (409 `read_only`). Secrets are
+write-only: answers show `{"set": true, "fingerprint": …}`; a caller's key is shown once, when it
+is made. Every change is validated exactly like the config file, stored sealed in Redis, applied
+by every worker of every replica within a second, and written to the audit log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from broker.api.middleware import send_error
+from broker.api.routes import json_body
+from broker.api.state import Broker
+from broker.callers import hash_key, new_caller_key
+from broker.errors import BrokerError, InvalidRequest, NotFound, ReadOnly
+from broker.secret import Secret
+from broker.vault.models import AdminSettings, CallerSettings, CredentialSettings
+from broker.vault.registry import Snapshot
+from broker.vault.sync import Document
+
+__all__ = [
+    "PREFIX",
+    "AdminAuth",
+    "delete_caller",
+    "delete_credential",
+    "get_caller",
+    "get_credential",
+    "list_callers",
+    "list_credentials",
+    "new_key",
+    "put_caller",
+    "put_credential",
+]
+
+audit = structlog.get_logger("broker.audit").bind(logger="broker.audit")
+
+PREFIX = "/v1/admin/"
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+class AdminAuth:
+    """Pure ASGI: admin routes need an admin key; nothing else passes through it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
+            await self.app(scope, receive, send)
+            return
+        state: dict[str, Any] = scope.setdefault("state", {})
+        broker: Broker = state["broker"]
+        authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        try:
+            admin = broker.registry.snapshot.admins.authenticate(authorization)
+        except BrokerError as error:
+            state["error"] = error.code
+            await send_error(send, error)
+            return
+        state["admin"] = admin
+        state["caller_name"] = f"admin:{admin.name}"
+        await self.app(scope, receive, send)
+
+
+def _broker(request: Request) -> Broker:
+    broker: Broker = request.state.broker
+    return broker
+
+
+def _admin(request: Request) -> AdminSettings:
+    admin: AdminSettings = request.state.admin
+    return admin
+
+
+def _name(request: Request) -> str:
+    name: str = request.path_params["name"]
+    return name
+
+
+def _json(body: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=_NO_STORE)
+
+
+def _secret_view(broker: Broker, secret: Secret) -> dict[str, Any]:
+    view: dict[str, Any] = {"set": True, "fingerprint": broker.store.codec.fingerprint(secret.reveal())}
+    if secret.source != "literal":
+        view["from"] = secret.source  # e.g. "env:PAYMENTS_SECRET": a name, not a value
+    return view
+
+
+def _credential_view(broker: Broker, snapshot: Snapshot, credential: CredentialSettings) -> dict[str, Any]:
+    view: dict[str, Any] = {"name": credential.name, "source": snapshot.source("credentials", credential.name)}
+    for field in ("issuer", "token_url", "client_id", "auth_method", "audience", "resource"):
+        value = getattr(credential, field)
+        if value is not None:
+            view[field] = value
+    view["scopes"] = list(credential.scopes)
+    view["default_scopes"] = list(credential.default_scopes)
+    view["extra_params"] = dict(credential.extra_params)
+    view["client_secret"] = _secret_view(broker, credential.client_secret)
+    return view
+
+
+def _caller_view(snapshot: Snapshot, caller: CallerSettings) -> dict[str, Any]:
+    grants = {name: sorted(scopes) for name, scopes in sorted(caller.grants.items())}
+    return {"name": caller.name, "source": snapshot.source("callers", caller.name), "grants": grants}
+
+
+def _writable(snapshot: Snapshot, kind: str, name: str) -> None:
+    if snapshot.source(kind, name) == "config":
+        raise ReadOnly(f"{kind}.{name} comes from the config file: change it there.")
+
+
+def _audit(request: Request, action: str, kind: str, name: str, **details: Any) -> None:
+    audit.info("audit.admin_change", admin=_admin(request).name, action=action, kind=kind, name=name, **details)
+
+
+# -- credentials ----------------------------------------------------------------------------------
+
+
+async def list_credentials(request: Request) -> Response:
+    broker = _broker(request)
+    snapshot = broker.registry.snapshot
+    views = [_credential_view(broker, snapshot, c) for _, c in sorted(snapshot.credentials.items())]
+    return _json({"credentials": views})
+
+
+async def get_credential(request: Request) -> Response:
+    broker = _broker(request)
+    snapshot = broker.registry.snapshot
+    credential = snapshot.credentials.get(_name(request))
+    if credential is None:
+        raise NotFound(f"No credential named {_name(request)}.")
+    return _json(_credential_view(broker, snapshot, credential))
+
+
+async def put_credential(request: Request) -> Response:
+    broker, name = _broker(request), _name(request)
+    _writable(broker.registry.snapshot, "credentials", name)
+    table = await json_body(request, broker.settings.server.max_body_bytes)
+
+    def edit(document: Document) -> bool:
+        created = name not in document.credentials
+        document.credentials[name] = table
+        return created
+
+    created = await broker.vault.change(edit)
+    snapshot = broker.registry.snapshot
+    credential = snapshot.credentials[name]
+    view = _credential_view(broker, snapshot, credential)
+    _audit(
+        request, "create" if created else "replace", "credential", name, secret_fp=view["client_secret"]["fingerprint"]
+    )
+    return _json(view, 201 if created else 200)
+
+
+async def delete_credential(request: Request) -> Response:
+    broker, name = _broker(request), _name(request)
+    _writable(broker.registry.snapshot, "credentials", name)
+
+    def edit(document: Document) -> None:
+        if document.credentials.pop(name, None) is None:
+            raise NotFound(f"No credential named {name}.")
+
+    await broker.vault.change(edit)
+    purged = await broker.store.purge_credential(name)
+    _audit(request, "delete", "credential", name, keys_purged=purged)
+    return Response(status_code=204, headers=_NO_STORE)
+
+
+# -- callers --------------------------------------------------------------------------------------
+
+
+async def list_callers(request: Request) -> Response:
+    snapshot = _broker(request).registry.snapshot
+    return _json({"callers": [_caller_view(snapshot, c) for _, c in sorted(snapshot.caller_entries.items())]})
+
+
+async def get_caller(request: Request) -> Response:
+    snapshot = _broker(request).registry.snapshot
+    caller = snapshot.caller_entries.get(_name(request))
+    if caller is None:
+        raise NotFound(f"No caller named {_name(request)}.")
+    return _json(_caller_view(snapshot, caller))
+
+
+async def put_caller(request: Request) -> Response:
+    broker, name = _broker(request), _name(request)
+    _writable(broker.registry.snapshot, "callers", name)
+    table = await json_body(request, broker.settings.server.max_body_bytes)
+    if "key_sha256" in table:
+        raise InvalidRequest(f"callers.{name}.key_sha256: is set by the broker (POST {PREFIX}callers/{name}/key).")
+    key = new_caller_key()
+
+    def edit(document: Document) -> bool:
+        existing = document.callers.get(name)
+        document.callers[name] = {**table, "key_sha256": existing["key_sha256"] if existing else hash_key(key)}
+        return existing is None
+
+    created = await broker.vault.change(edit)
+    snapshot = broker.registry.snapshot
+    view = _caller_view(snapshot, snapshot.caller_entries[name])
+    _audit(request, "create" if created else "replace", "caller", name)
+    if created:
+        return _json({**view, "caller_key": key}, 201)  # shown once; only its hash is kept
+    return _json(view)
+
+
+async def new_key(request: Request) -> Response:
+    broker, name = _broker(request), _name(request)
+    _writable(broker.registry.snapshot, "callers", name)
+    key = new_caller_key()
+
+    def edit(document: Document) -> None:
+        if name not in document.callers:
+            raise NotFound(f"No caller named {name}.")
+        document.callers[name] = {**document.callers[name], "key_sha256": hash_key(key)}
+
+    await broker.vault.change(edit)
+    _audit(request, "new_key", "caller", name)
+    return _json({"name": name, "caller_key": key})
+
+
+async def delete_caller(request: Request) -> Response:
+    broker, name = _broker(request), _name(request)
+    _writable(broker.registry.snapshot, "callers", name)
+
+    def edit(document: Document) -> None:
+        if document.callers.pop(name, None) is None:
+            raise NotFound(f"No caller named {name}.")
+
+    await broker.vault.change(edit)
+    _audit(request, "delete", "caller", name)
+    return Response(status_code=204, headers=_NO_STORE)
