@@ -35,6 +35,7 @@ class AuditTrail:
         for (caller, credential, scope_set, fingerprint, source), count in counts.items():
             log.info(
                 "audit.tokens_handed_out",
+                logger="broker.audit",
                 caller=caller,
                 credential=credential,
                 scope=scope_set,

@@ -201,14 +201,18 @@ async def _probe(settings: Settings) -> int:
 
 
 def cmd_caller_key(args: argparse.Namespace) -> int:
+    what, section = ("admin", "admins") if args.admin else ("caller", "callers")
     if not _NAME.fullmatch(args.name):
-        print("error: a caller name is 1-64 letters, digits, '.', '_' or '-'", file=sys.stderr)
+        print(
+            f"error: a{'n' if args.admin else ''} {what} name is 1-64 letters, digits, '.', '_' or '-'", file=sys.stderr
+        )
         return EXIT_CONFIG
     key = new_caller_key()
-    print(f"# Caller key for {args.name}. It is shown once: hand it to the caller's secret store.")
+    holder = "the operator's password manager" if args.admin else "the caller's secret store"
+    print(f"# {what.capitalize()} key for {args.name}. It is shown once: hand it to {holder}.")
     print(key)
     print("# Add to the broker config (only the hash is stored):")
-    print(f"[callers.{args.name}]")
+    print(f"[{section}.{args.name}]")
     print(f'key_sha256 = "{hash_key(key)}"')
     return 0
 
@@ -430,8 +434,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--probe", action="store_true", help="also fetch one token per credential")
     check.set_defaults(func=cmd_check_config)
 
-    key = sub.add_parser("caller-key", help="print a new caller key and its config lines")
+    key = sub.add_parser("caller-key", help="print a new caller key (or admin key) and its config lines")
     key.add_argument("name")
+    key.add_argument("--admin", action="store_true", help="a key for the admin API: [admins.NAME]")
     key.set_defaults(func=cmd_caller_key)
 
     token = sub.add_parser(

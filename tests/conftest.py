@@ -26,8 +26,9 @@ from broker.settings import Settings, load_settings
 from broker.vault.keyring import new_key
 from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess, BrokerProcess, kill_tree
 
-# Keys for the callers every test config declares.
+# Keys for the callers every test config declares, and for its admin.
 CALLER_KEYS = {"billing": new_caller_key(), "reporting": new_caller_key()}
+ADMIN_KEY = new_caller_key()
 SECRET_ENV = "TB_TEST_CLIENT_SECRET"
 # Every broker of the suite encrypts what it stores (spec §6.1), as `serve` requires: in the
 # environment from the start, so brokers of session- and module-scoped fixtures get it too.
@@ -154,6 +155,9 @@ def config_text(redis_url: str, authserver: AuthServerProcess, extra: str = "") 
         key_sha256 = "{hash_key(CALLER_KEYS["reporting"])}"
         [callers.reporting.grants]
         ledger = ["{READ}"]
+
+        [admins.ops]
+        key_sha256 = "{hash_key(ADMIN_KEY)}"
         """
     ) + textwrap.dedent(extra)
 
@@ -184,6 +188,10 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 def auth(caller: str = "billing") -> dict[str, str]:
     return {"Authorization": f"Bearer {CALLER_KEYS[caller]}"}
+
+
+def admin_auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def token_body(response: Any) -> dict[str, Any]:

@@ -40,7 +40,7 @@ __all__ = [
     "put_credential",
 ]
 
-audit = structlog.get_logger("broker.audit").bind(logger="broker.audit")
+audit = structlog.get_logger("broker.audit")
 
 PREFIX = "/v1/admin/"
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -120,7 +120,15 @@ def _writable(snapshot: Snapshot, kind: str, name: str) -> None:
 
 
 def _audit(request: Request, action: str, kind: str, name: str, **details: Any) -> None:
-    audit.info("audit.admin_change", admin=_admin(request).name, action=action, kind=kind, name=name, **details)
+    audit.info(
+        "audit.admin_change",
+        logger="broker.audit",  # the field to route audit events to their own sink by
+        admin=_admin(request).name,
+        action=action,
+        kind=kind,
+        name=name,
+        **details,
+    )
 
 
 # -- credentials ----------------------------------------------------------------------------------
@@ -166,13 +174,20 @@ async def delete_credential(request: Request) -> Response:
     broker, name = _broker(request), _name(request)
     _writable(broker.registry.snapshot, "credentials", name)
 
-    def edit(document: Document) -> None:
+    def edit(document: Document) -> list[str]:
         if document.credentials.pop(name, None) is None:
             raise NotFound(f"No credential named {name}.")
+        granted = [caller for caller, table in document.callers.items() if name in table.get("grants", {})]
+        for caller in granted:  # a grant of a credential that is gone goes with it
+            document.callers[caller] = {
+                **document.callers[caller],
+                "grants": {cred: scopes for cred, scopes in document.callers[caller]["grants"].items() if cred != name},
+            }
+        return granted
 
-    await broker.vault.change(edit)
+    ungranted = await broker.vault.change(edit)
     purged = await broker.store.purge_credential(name)
-    _audit(request, "delete", "credential", name, keys_purged=purged)
+    _audit(request, "delete", "credential", name, keys_purged=purged, grants_removed=ungranted)
     return Response(status_code=204, headers=_NO_STORE)
 
 
