@@ -31,7 +31,7 @@ from tests.support import REPO_ROOT, AuthServerProcess
 
 T = TypeVar("T")
 EXIT_MISSED = 3  # ran to the end, but a target was missed (a crash exits 1)
-SCENARIOS = ("hits", "stampede", "fleet", "memory", "profile")
+SCENARIOS = ("hits", "l2", "stampede", "fleet", "memory", "profile")
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,18 @@ def _summary(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "pass": lat["pass"],
             }
         )
+    if "l2" in result:
+        l2 = result["l2"]
+        rows.append(
+            {
+                "figure": "L2 hits (L1 off, 1 worker): broker/baseline rps, encrypted | plaintext",
+                "value": f"{l2['encrypted_ratio']} | {l2['plaintext_ratio']}",
+                "detail": f"encrypted {l2['encrypted_rps']} vs plaintext {l2['plaintext_rps']} rps;"
+                f" encryption costs {l2['encryption_cost'] * 100:.1f} % of L2-hit throughput",
+                "target": "report",
+                "pass": l2["pass"],
+            }
+        )
     if "stampede" in result:
         s = result["stampede"]
         rows.append(
@@ -273,6 +285,13 @@ def run(mode: Mode, only: set[str], out: Path, given_redis: str | None) -> dict[
                 result["throughput"][str(workers)] = measured["throughput"]
                 if "latency" in measured:
                     result["latency"] = measured["latency"]
+        if "l2" in only:
+            _flush(redis)
+            l2_config = config("broker-no-l1.toml", "l1_max_entries = 0")
+            result["l2"] = step(
+                "L2 hits (L1 off), encrypted and plaintext",
+                lambda: hits.run_l2(l2_config, caller, mode.rounds, mode.wrk),
+            )
         if "stampede" in only:
             _flush(redis)
             result["stampede"] = step(

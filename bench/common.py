@@ -19,6 +19,7 @@ import httpx
 
 from broker.callers import hash_key, new_caller_key
 from broker.embedded_redis import terminate
+from broker.vault.keyring import new_key
 from tests.support import CLIENT_ID, CLIENT_SECRET, REPO_ROOT, BrokerProcess, free_port, wait_http
 
 # What broker/cli.py `_run_uvicorn` passes to uvicorn.run besides app, host, port and workers;
@@ -115,11 +116,18 @@ def write_config(workdir: Path, name: str, text: str) -> Path:
     return path
 
 
+# The broker encrypts what it stores (spec §6.1), as in production; one key for the whole run.
+ENCRYPTION_KEYS = os.environ.get("BROKER_ENCRYPTION_KEYS") or f"bench:{new_key()}"
+
+
 @contextmanager
-def broker(config: Path, workers: int) -> Iterator[BrokerProcess]:
-    """A real `token-broker serve` process (tests/support.py BrokerProcess)."""
+def broker(config: Path, workers: int, *, encrypted: bool = True) -> Iterator[BrokerProcess]:
+    """A real `token-broker serve` process (tests/support.py BrokerProcess); `encrypted=False`:
+    `--insecure-plaintext-cache`, to measure what encryption costs."""
     os.environ[SECRET_ENV] = CLIENT_SECRET
-    proc = BrokerProcess(config, workers=workers, env={SECRET_ENV: CLIENT_SECRET})
+    env = {SECRET_ENV: CLIENT_SECRET, "BROKER_ENCRYPTION_KEYS": ENCRYPTION_KEYS if encrypted else ""}
+    args = () if encrypted else ("--insecure-plaintext-cache",)
+    proc = BrokerProcess(config, workers=workers, env=env, args=args)
     with proc:
         yield proc
 

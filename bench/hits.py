@@ -125,3 +125,31 @@ def _latency_result(workers: int, settings: LatencySettings, runs: dict[str, lis
         "target_delta_ms": LATENCY_TARGET_MS,
         "pass": ok and broker_p99 <= baseline_p99 + LATENCY_TARGET_MS,
     }
+
+
+def run_l2(config: Path, caller: Caller, rounds: int, settings: WrkSettings) -> dict[str, Any]:
+    """Hits with L1 off (`l1_max_entries = 0`, 1 worker): every hit reads Redis and, encrypted,
+    opens one AES-GCM value. Encrypted and `--insecure-plaintext-cache` brokers against the
+    same baseline, alternating, so the figure is what encryption costs an L2 hit."""
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "encrypted": [], "plaintext": []}
+    with broker(config, 1) as sealed, broker(config, 1, encrypted=False) as plain:
+        urls = {"encrypted": hit_url(sealed.url), "plaintext": hit_url(plain.url)}
+        token = get_token(f"{sealed.url}/v1/tokens/{CREDENTIAL}", caller, HIT_SCOPE)
+        get_token(f"{plain.url}/v1/tokens/{CREDENTIAL}", caller, HIT_SCOPE)
+        common = ["--workers", "1", "--body-bytes", str(_body_bytes(token))]
+        with server("bench.baseline", common, BASELINE_PATH) as base:
+            for _ in range(rounds):
+                runs["baseline"].append(wrk.measure(base.url + BASELINE_PATH, {}, settings))
+                for name, url in urls.items():
+                    runs[name].append(wrk.measure(url, caller.headers, settings))
+    base_rps = [r["rps"] for r in runs["baseline"]]
+    result: dict[str, Any] = {"workers": 1, "baseline_rps": base_rps}
+    for name in ("encrypted", "plaintext"):
+        rps = [r["rps"] for r in runs[name]]
+        result[f"{name}_rps"] = rps
+        result[f"{name}_ratio"] = round(median([b / a for a, b in zip(base_rps, rps, strict=True)]), 3)
+        result[f"{name}_p99_ms"] = round(median([r["latency_ms"]["p99"] for r in runs[name]]), 3)
+    result["encryption_cost"] = round(1 - median(result["encrypted_rps"]) / median(result["plaintext_rps"]), 3)
+    result["errors"] = sum(r["non_2xx_or_errors"] for rs in runs.values() for r in rs)
+    result["pass"] = result["errors"] == 0
+    return result

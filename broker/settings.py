@@ -139,7 +139,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "server.max_body_bytes": (1024, 1_048_576),
     "cache.skew_seconds": (0, 3600),
     "cache.default_expires_in": (2, 366 * 24 * 3600),
-    "cache.l1_max_entries": (1, 10_000_000),
+    "cache.l1_max_entries": (0, 10_000_000),
     "cache.lock_ttl_seconds": (0.5, 60),
     "cache.negative_ttl_seconds": (0, 300),
     "cache.invalidate_min_interval_seconds": (0, 3600),

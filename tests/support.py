@@ -214,10 +214,13 @@ class AuthServerProcess:
 class BrokerProcess:
     """A real `token-broker serve` process (uvicorn, N workers) on a free port."""
 
-    def __init__(self, config: Path, *, workers: int = 1, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, *, workers: int = 1, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         self.config = config
         self.workers = workers
         self.env = env or {}
+        self.args = args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -235,6 +238,7 @@ class BrokerProcess:
             str(self.port),
             "--workers",
             str(self.workers),
+            *self.args,
         ]
         env = {**os.environ, **self.env}
         with self.log_path.open("wb") as out:
