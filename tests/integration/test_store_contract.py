@@ -141,6 +141,46 @@ async def test_a_read_that_raced_an_invalidation_is_not_served_again_from_l1(
     assert authserver.token_requests() == 2
 
 
+# -- item 15: a slow read does not stretch a copy's window ---------------------------------------
+
+
+class SlowRead(Store):
+    """A Store whose token reads come back `delay` seconds after Redis answered them (a reply
+    that waited for a free connection or crossed a slow network: up to POOL_TIMEOUT + twice the
+    socket timeouts without counting as an outage)."""
+
+    delay = 0.0
+
+    async def get(self, keys: TokenKeys) -> CachedToken | None:
+        found = await super().get(keys)
+        await asyncio.sleep(self.delay)
+        return found
+
+
+async def test_a_read_that_took_seconds_does_not_hand_out_a_token_past_its_window(
+    settings: Settings, redis_url: str, authserver: AuthServerProcess
+) -> None:
+    """Defect (hardening item 15): `now` was taken before an L2 read that can take seconds, and
+    the copy judged by it: a token whose cached window ended while the read was on its way was
+    handed out with less life left than the skew promises. A copy read from Redis is now bounded
+    by the key's PTTL counted from when the read was sent, and judged when it is back."""
+    credential = settings.credentials["payments"]
+    authserver.configure(lifetime=8)  # cached window 6 s: skew min(30, 8/4) = 2 s
+    async with service(settings, redis_url, SlowRead) as s, service(settings, redis_url) as b:
+        first, _ = await b.get(credential, READ)
+        keys = b.keys_for(credential, READ)
+        while await b.store.redis.pttl(keys.token) > 1500:
+            await asyncio.sleep(0.02)
+        slow = s.store
+        assert isinstance(slow, SlowRead)
+        slow.delay = 2.0
+        got, source = await s.get(credential, READ)
+        left = got.expires - time.monotonic()
+    assert got.fingerprint != first.fingerprint, f"handed out from {source} with {left:.1f} s left"
+    assert left >= 2
+    assert authserver.token_requests() == 2
+
+
 # -- item 12: a drop leaves a tombstone ----------------------------------------------------------
 
 
