@@ -5,11 +5,14 @@
                                             # forwarded, its reply swallowed, the connection cut
     proxy.delay_reply(b":tok:", 2.5)        # the reply to the next such command waits 2.5 s
     proxy.outage(2.5)                       # every connection cut, new ones refused for 2.5 s
+    proxy.outage_on(b":lock:", 1.5)         # the same, starting with the next command containing
+                                            # b":lock:", which never reaches Redis
 
 Its own thread and event loop: it keeps forwarding while the test blocks (a synchronous
 `BrokerProcess.start()` waiting for readiness through it, a `time.sleep`). A rule matches one
 chunk of what the client sent (redis-py writes each command in one piece, so on loopback a
-command arrives in one read); `count` rules fire that many times. `fired` counts what fired.
+command arrives in one read); `count` rules fire that many times. `fired` counts what fired,
+`fired_at` says when.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from types import TracebackType
@@ -32,7 +36,7 @@ _CHUNK = 65536
 
 @dataclass
 class _Rule:
-    action: str  # "cut" or "delay"
+    action: str  # "cut", "delay" or "outage"
     pattern: bytes
     count: int
     seconds: float = 0.0
@@ -52,6 +56,7 @@ class TcpProxy:
         self.path = parts.path or "/0"
         self.port = free_port()
         self.fired: Counter[str] = Counter()
+        self.fired_at: dict[str, float] = {}  # action → time.monotonic() it last fired
         self._rules: list[_Rule] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -90,12 +95,17 @@ class TcpProxy:
         with self._lock:
             self._rules.append(_Rule("delay", pattern, count, seconds))
 
+    def outage_on(self, pattern: bytes, seconds: float) -> None:
+        """When a client command containing `pattern` comes next, it is dropped (Redis never sees
+        it) and an outage of `seconds` begins, as `outage` has it."""
+        with self._lock:
+            self._rules.append(_Rule("outage", pattern, 1, seconds))
+
     def outage(self, seconds: float) -> None:
         """Cut every connection now and refuse new ones (nothing listens) for `seconds`; returns
         at once."""
-        self._run(self._refuse())
+        self._run(self._begin_outage(seconds))
         self.fired["outage"] += 1
-        self._loop.call_soon_threadsafe(lambda: self._loop.call_later(seconds, self._resume))
 
     def listening(self) -> bool:
         return self._server is not None
@@ -107,6 +117,10 @@ class TcpProxy:
 
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _begin_outage(self, seconds: float) -> None:
+        await self._refuse()
+        self._loop.call_later(seconds, self._resume)
 
     async def _refuse(self) -> None:
         if self._server is not None:
@@ -130,6 +144,7 @@ class TcpProxy:
                     if rule.count <= 0:
                         self._rules.remove(rule)
                     self.fired[rule.action] += 1
+                    self.fired_at[rule.action] = time.monotonic()
                     return rule
         return None
 
@@ -150,6 +165,9 @@ class TcpProxy:
         async def upstream() -> None:
             while data := await client_r.read(_CHUNK):
                 rule = self._take(data)
+                if rule is not None and rule.action == "outage":
+                    await self._begin_outage(rule.seconds)
+                    return
                 if rule is not None:
                     pending.rule = rule  # before the command goes out: its reply may come back at once
                 server_w.write(data)

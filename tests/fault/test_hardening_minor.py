@@ -84,8 +84,9 @@ async def test_a_lock_holder_keeps_its_lock_through_a_redis_blip(
     broker asking meanwhile fetched a second token instead of waiting for the holder's. The
     renewal now keeps trying until the lock is found taken over.
 
-    Lock TTL 6 s, renewed every 2 s; the blip lasts 2.5 s, so at least one renewal fails and at
-    most two: with renewal going on, the lock never comes within 2 s of expiring."""
+    Lock TTL 6 s, renewed every 2 s. A's first renewal never reaches Redis: it starts a 1.5 s
+    outage of A's connections (cut, new ones refused). Without a further renewal A's lock
+    expires 4 s later; B asks 5 s later, while A's upstream answer is still 2 s away."""
     env = {
         "BROKER_CACHE_LOCK_TTL_SECONDS": "6",
         "BROKER_UPSTREAM_TIMEOUT_SECONDS": "20",  # A's upstream answer takes 9 s
@@ -98,11 +99,9 @@ async def test_a_lock_holder_keeps_its_lock_through_a_redis_blip(
         holder = asyncio.create_task(get_token(to_a))
         await until(lambda: authserver.token_requests() == 1, 10, "A's upstream request")
         authserver.configure(delay=0)  # read per request: the one in flight keeps its delay
-        blip = time.monotonic()
-        proxy.outage(2.5)  # every connection of A to Redis cut, new ones refused
-        await until(proxy.listening, 10, "the proxy listening again")
-        # Past the point where A's lock would have expired had its renewal stopped at the blip.
-        await asyncio.sleep(max(0.0, blip + 7 - time.monotonic()))
+        proxy.outage_on(b":lock:", 1.5)  # A's next lock command is its first renewal
+        await until(lambda: proxy.fired["outage"] == 1, 10, "A's first renewal")
+        await asyncio.sleep(max(0.0, proxy.fired_at["outage"] + 5 - time.monotonic()))
         assert not holder.done()
         assert len(keys(redis_url, LOCKS)) == 1, "A's lock expired while A was still fetching"
         waiter = await get_token(to_b)  # waits for A's fetch instead of fetching again
