@@ -323,8 +323,11 @@ def test_a_full_pool_still_serves_a_fresh_cached_token(
 
 
 def test_the_health_watcher_survives_a_full_pool(small_pool: None, settings: Any) -> None:
-    """A full pool while the health watcher pings must not end the watcher (it is what notices
-    Redis coming back after an outage when no request does)."""
+    """Defect (hardening item 16, in its fix): StoreBusy is not a StoreUnavailable, and the health
+    watcher suppressed only the latter, so one ping that found the pool full ended the watcher
+    for good (it is what notices Redis coming back when no request does) and its StoreBusy was
+    raised again from the lifespan's shutdown. (The code before the fix passes: it raised
+    StoreUnavailable for a full pool.)"""
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         portal = client.portal
         assert portal is not None
