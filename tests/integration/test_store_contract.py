@@ -200,7 +200,7 @@ async def test_a_stale_holders_write_after_a_drop_is_refused(store: Store) -> No
     assert await store.put(keys, b_token)
     await store.release_lock(later)
 
-    assert await store.drop_if(keys, b_token.fingerprint, 0) == later.fence  # a caller reported it
+    assert await store.drop_if(keys, b_token.access_token, 0) == later.fence  # a caller reported it
     assert await store.get(keys) is None  # the tombstone reads as a miss
     tombstone_ttl = await store.redis.pttl(keys.token)
     assert 0 < tombstone_ttl <= (1800 - 30) * 1000  # no longer than B's token would have been cached
@@ -230,24 +230,24 @@ async def test_a_young_token_is_not_dropped_twice_within_the_interval(store: Sto
     keys = store.keys.for_token("payments", SHAPE, READ)
     first = entry("first", 1)
     assert await store.put(keys, first)
-    assert await store.drop_if(keys, first.fingerprint, 2.0) == 1
+    assert await store.drop_if(keys, first.access_token, 2.0) == 1
 
     young = entry("young", 2)  # the refresh's token, a moment after the drop
     assert await store.put(keys, young)
-    assert await store.drop_if(keys, young.fingerprint, 2.0) == -1
+    assert await store.drop_if(keys, young.access_token, 2.0) == -1
     current = await store.get(keys)
     assert current is not None
     assert current.fingerprint == young.fingerprint  # still served
 
     old = entry("old", 3, age=5.0)  # fetched 5 s ago (a slow answer), written just now
     assert await store.put(keys, old)
-    assert await store.drop_if(keys, old.fingerprint, 2.0) == 3
+    assert await store.drop_if(keys, old.access_token, 2.0) == 3
     assert await store.get(keys) is None
 
     # without an interval nothing is throttled
     again = entry("again", 4)
     assert await store.put(keys, again)
-    assert await store.drop_if(keys, again.fingerprint, 0) == 4
+    assert await store.drop_if(keys, again.access_token, 0) == 4
 
 
 # -- item 16: a full pool is load, not an outage -------------------------------------------------
