@@ -88,7 +88,8 @@ async def _flush_metrics(tokens: TokenService, interval: float = 1.0) -> None:
 async def _watch_redis(store: Store, health: Health) -> None:
     """Keeps readiness honest and notices Redis coming back (the store logs the transitions)."""
     while True:
-        with contextlib.suppress(StoreUnavailable):
+        # StoreBusy (a full pool) too: load, and a watcher that died of it would be gone for good
+        with contextlib.suppress(StoreUnavailable, StoreBusy):
             await store.ping()
             health.redis_seen = True
         await asyncio.sleep(_HEALTH_INTERVAL)
