@@ -136,9 +136,12 @@ class UpstreamUnavailable(UpstreamError):
     status = 503
     code = "upstream_unavailable"
 
-    def __init__(self, description: str, *, retry_after: float | None = None) -> None:
+    def __init__(self, description: str, *, retry_after: float | None = None, maybe_sent: bool = False) -> None:
         super().__init__(description)
         self.retry_after = retry_after
+        # The request may have reached the server and its answer got lost (a read timeout, a
+        # dropped connection): for a refresh token, that means it may have been spent.
+        self.maybe_sent = maybe_sent
 
     def headers(self) -> dict[str, str]:
         seconds = max(1, round(self.retry_after)) if self.retry_after is not None else 1

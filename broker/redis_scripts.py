@@ -6,7 +6,7 @@ Values start `v<N>|<fence>|<fingerprint>|<window ms>|` (broker/entries.py): the 
 that header without JSON, and without the encryption key.
 """
 
-__all__ = ["ACQUIRE", "DROP_IF", "GET", "PUT", "RELEASE", "RENEW", "REWRAP", "VAULT_PUT"]
+__all__ = ["ACQUIRE", "DROP_IF", "GET", "GRANT_PUT", "PUT", "RELEASE", "RENEW", "REWRAP", "VAULT_PUT"]
 
 # A value and its key's PTTL in one round trip: readers bound their copy by the key's own TTL.
 GET = """
@@ -108,4 +108,18 @@ redis.call('SET', KEYS[1], ARGV[2])
 local version = redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', ARGV[3], 'vault|' .. version .. '|' .. KEYS[1])
 return version
+"""
+
+
+# A subject's grant record (`g1|<version>|<sealed>`, spec §5.4): a compare-and-set on its version,
+# and, when a lock value is given, only while that lock is still held: a holder that lost its
+# lock may neither redeem the refresh token nor write what redeeming it gave.
+GRANT_PUT = """
+local cur = redis.call('GET', KEYS[1])
+local version = 0
+if cur then version = tonumber(string.match(cur, '^g1|(%d+)|')) or 0 end
+if version ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return -1 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
 """

@@ -22,6 +22,7 @@ params), so a changed credential or another deployment never reads these tokens 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ class TokenKeys:
     fence: str
     refusal: str
     invalidated: str
+    grant: str = ""  # a subject's token (spec §5.4): the key of the subject's grant record
 
 
 class Keys:
@@ -82,16 +84,33 @@ class Keys:
         """Every key of one credential (SCAN MATCH): a deleted credential leaves nothing behind."""
         return f"{self.prefix}:{{{credential}}}:*"
 
-    def for_token(self, credential: str, shape: str, scope_set: str) -> TokenKeys:
+    def subject_pattern(self, credential: str, subject: str = "*") -> str:
+        """Every key of one subject of a credential, or of all of its subjects (SCAN MATCH)."""
+        return f"{self.prefix}:{{{credential}/{subject}}}:*"
+
+    @staticmethod
+    def subject_id(shape: str, subject: str) -> str:
+        """A subject's name in keys: a hash (a `sub` is personal data), of the credential's shape
+        too, so a changed client never spends a refresh token issued to the old one."""
+        return hashlib.sha256(f"{shape}\n{subject}".encode()).hexdigest()[:24]
+
+    def for_token(self, credential: str, shape: str, scope_set: str, subject: str | None = None) -> TokenKeys:
         ident = hashlib.sha256(f"{shape}\n{scope_set}".encode()).hexdigest()[:32]
-        base = f"{self.prefix}:{{{credential}}}:"
+        # Subjects are hash-tagged by credential and subject: one slot per user, not per credential.
+        tag = credential if subject is None else f"{credential}/{self.subject_id(shape, subject)}"
+        base = f"{self.prefix}:{{{tag}}}:"
         return TokenKeys(
             token=f"{base}tok:{ident}",
             lock=f"{base}lock:{ident}",
             fence=f"{base}fence:{ident}",
             refusal=f"{base}neg:{ident}",
             invalidated=f"{base}inv:{ident}",
+            grant=f"{base}grant" if subject is not None else "",
         )
+
+    def login(self, state: str) -> str:
+        """A login in progress, by its `state` (spec §5.2): single use, short-lived."""
+        return f"{self.prefix}:{{login}}:{hashlib.sha256(state.encode()).hexdigest()[:32]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +153,7 @@ class Store:
         self._renew = redis.register_script(scripts.RENEW)
         self._rewrap = redis.register_script(scripts.REWRAP)
         self._vault_put = redis.register_script(scripts.VAULT_PUT)
+        self._grant_put = redis.register_script(scripts.GRANT_PUT)
 
     async def _call(self, command: Callable[..., Awaitable[Any]], *args: Any, probe: bool = False, **kw: Any) -> Any:
         if not probe and not self.reachable and time.monotonic() < self._down_until:
@@ -274,4 +294,50 @@ class Store:
         deleted = 0
         async for name in self.redis.scan_iter(match=self.keys.credential_pattern(credential), count=500):
             deleted += int(await self._call(self.redis.delete, name))
+        return deleted
+
+    # -- subjects: grants and logins (spec §5) -----------------------------------------------------
+
+    async def get_grant(self, keys: TokenKeys) -> tuple[int, dict[str, Any] | None]:
+        """(version, the subject's grant record) — (0, None) when there is none; a record that
+        does not open is (its version, None)."""
+        raw = await self._call(self.redis.get, keys.grant)
+        if not raw:
+            return 0, None
+        _, version, body = raw.decode().split("|", 2)
+        opened = self.codec.open(body.encode(), f"{keys.grant}|{version}")
+        return int(version), (json.loads(opened) if opened is not None else None)
+
+    async def put_grant(
+        self, keys: TokenKeys, expected_version: int, record: dict[str, Any], ttl: float, lock: Lock | None = None
+    ) -> int:
+        """Write the grant record if its version is still `expected_version` (and, given `lock`,
+        only while that lock is ours) → 1; 0 when another write came first; -1 when the lock is
+        gone (its holder may not redeem a refresh token)."""
+        version = expected_version + 1
+        sealed = self.codec.seal(json.dumps(record).encode(), f"{keys.grant}|{version}")
+        value = f"g1|{version}|".encode() + sealed
+        args = [expected_version, value, max(1, int(ttl * 1000)), lock.value if lock else ""]
+        return int(await self._call(self._grant_put, keys=[keys.grant, lock.key if lock else keys.lock], args=args))
+
+    async def put_login(self, state: str, record: dict[str, Any], ttl: float) -> None:
+        key = self.keys.login(state)
+        await self._call(self.redis.set, key, self.codec.seal(json.dumps(record).encode(), key), px=int(ttl * 1000))
+
+    async def take_login(self, state: str) -> dict[str, Any] | None:
+        """The login started with `state`, consumed: a second look finds nothing."""
+        key = self.keys.login(state)
+        raw = await self._call(self.redis.getdel, key)
+        opened = self.codec.open(raw, key) if raw else None
+        return json.loads(opened) if opened is not None else None
+
+    async def purge_subject(self, credential: str, subject_keys: TokenKeys) -> int:
+        """Forget a subject: its grant and every token, each drop announced so L1 copies go too."""
+        tag = subject_keys.grant.removesuffix(":grant")
+        deleted = 0
+        async for name in self.redis.scan_iter(match=f"{tag}:*", count=500):
+            key = name.decode() if isinstance(name, bytes) else str(name)
+            deleted += int(await self._call(self.redis.delete, key))
+            if ":tok:" in key:
+                await self._call(self.redis.publish, self.keys.events, f"drop|-|{key}")
         return deleted

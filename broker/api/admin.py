@@ -26,19 +26,7 @@ from broker.vault.models import AdminSettings, CallerSettings, CredentialSetting
 from broker.vault.registry import Snapshot
 from broker.vault.sync import Document
 
-__all__ = [
-    "PREFIX",
-    "AdminAuth",
-    "delete_caller",
-    "delete_credential",
-    "get_caller",
-    "get_credential",
-    "list_callers",
-    "list_credentials",
-    "new_key",
-    "put_caller",
-    "put_credential",
-]
+__all__ = ["PREFIX", "AdminAuth", "caller", "credential", "list_callers", "list_credentials", "new_key"]
 
 audit = structlog.get_logger("broker.audit")
 
@@ -255,3 +243,16 @@ async def delete_caller(request: Request) -> Response:
     await broker.vault.change(edit)
     _audit(request, "delete", "caller", name)
     return Response(status_code=204, headers=_NO_STORE)
+
+
+# One route per resource (so a 405 lists every method of it in `Allow`), dispatched by method.
+_CREDENTIAL = {"GET": get_credential, "PUT": put_credential, "DELETE": delete_credential}
+_CALLER = {"GET": get_caller, "PUT": put_caller, "DELETE": delete_caller}
+
+
+async def credential(request: Request) -> Response:
+    return await _CREDENTIAL[request.method](request)
+
+
+async def caller(request: Request) -> Response:
+    return await _CALLER[request.method](request)

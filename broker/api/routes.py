@@ -113,7 +113,7 @@ async def invalidate_token(request: Request) -> Response:
     if not isinstance(token, str) or not token or len(token) > 16384 or not _printable_ascii(token):
         raise InvalidRequest("The body must carry the rejected access_token as a string.")
     raw_scope = payload.get("scope")
-    if raw_scope is not None and not isinstance(raw_scope, str):
+    if "scope" in payload and not isinstance(raw_scope, str):
         raise InvalidRequest("scope must be a space-separated string.")
     scope_set = _scope_set(credential, granted, raw_scope)
     result = await broker.tokens.invalidate(credential, scope_set, token)

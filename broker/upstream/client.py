@@ -7,6 +7,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import structlog
@@ -25,7 +26,7 @@ from broker.upstream.response import (
 )
 from broker.vault.models import CredentialSettings
 
-__all__ = ["UpstreamClient", "new_http_client"]
+__all__ = ["Discovery", "UpstreamClient", "new_http_client"]
 
 log = structlog.get_logger("broker.upstream")
 
@@ -44,9 +45,20 @@ def new_http_client(settings: UpstreamSettings) -> httpx.AsyncClient:
     )
 
 
+@dataclass(frozen=True)
+class Discovery:
+    """What an issuer's discovery document says (or, for a `token_url`, the config)."""
+
+    token_endpoint: str
+    authorization_endpoint: str | None = None
+    jwks_uri: str | None = None
+    revocation_endpoint: str | None = None
+    id_token_algorithms: tuple[str, ...] = ("RS256",)  # OIDC Discovery's default
+
+
 @dataclass
 class _Discovered:
-    token_endpoint: str
+    discovery: Discovery
     fetched_at: float
 
 
@@ -145,7 +157,6 @@ class UpstreamClient:
     async def _attempt(
         self, credential: CredentialSettings, scope_set: str, deadline: float, attempt: int
     ) -> FetchedToken:
-        token_url = await self.token_endpoint(credential, deadline)
         form: dict[str, str] = {"grant_type": "client_credentials"}
         if scope_set:
             form["scope"] = scope_set
@@ -154,6 +165,20 @@ class UpstreamClient:
         if credential.resource:
             form["resource"] = credential.resource
         form.update(credential.extra_params)
+        return await self.post_token(credential, form, deadline, requested_scope=scope_set, attempt=attempt)
+
+    async def post_token(
+        self,
+        credential: CredentialSettings,
+        form: dict[str, str],
+        deadline: float,
+        *,
+        requested_scope: str,
+        attempt: int = 1,
+        grant: str = "client_credentials",
+    ) -> FetchedToken:
+        """One POST to the token endpoint (any grant), the client authenticated; its answer read."""
+        token_url = await self.token_endpoint(credential, deadline)
         headers: dict[str, str] = {}
         client_auth_for(credential.auth_method).apply(credential, form, headers)
 
@@ -180,6 +205,7 @@ class UpstreamClient:
             log.info(
                 "upstream.token_request",
                 credential=credential.name,
+                grant=grant,
                 status=status,
                 attempt=attempt,
                 duration_ms=round(elapsed * 1000, 1),
@@ -188,7 +214,7 @@ class UpstreamClient:
             return parse_token_response(
                 content_type,
                 body,
-                requested_scope=scope_set,
+                requested_scope=requested_scope,
                 issued_at=issued_at,
                 default_expires_in=self.default_expires_in,
             )
@@ -201,24 +227,27 @@ class UpstreamClient:
         return loop.time() + (deadline - time.monotonic())
 
     async def token_endpoint(self, credential: CredentialSettings, deadline: float) -> str:
+        return (await self.discovery(credential, deadline)).token_endpoint
+
+    async def discovery(self, credential: CredentialSettings, deadline: float) -> Discovery:
         if credential.token_url:
-            return credential.token_url
+            return Discovery(token_endpoint=credential.token_url)
         issuer = credential.issuer
         assert issuer is not None  # noqa: S101 - settings guarantee one of the two
         cached = self._discovered.get(issuer)
         if cached and time.monotonic() - cached.fetched_at < self.settings.discovery_ttl_seconds:
-            return cached.token_endpoint
+            return cached.discovery
         lock = self._discovery_locks.setdefault(issuer, asyncio.Lock())
         async with lock:
             cached = self._discovered.get(issuer)
             if cached and time.monotonic() - cached.fetched_at < self.settings.discovery_ttl_seconds:
-                return cached.token_endpoint
-            endpoint = await self._discover(issuer, deadline)
-            self._discovered[issuer] = _Discovered(endpoint, time.monotonic())
-            return endpoint
+                return cached.discovery
+            found = await self._discover(issuer, deadline)
+            self._discovered[issuer] = _Discovered(found, time.monotonic())
+            return found
 
-    async def _discover(self, issuer: str, deadline: float) -> str:
-        url = f"{issuer}/.well-known/openid-configuration"
+    async def get_json(self, url: str, deadline: float, what: str) -> dict[str, Any]:
+        """A JSON object from `url` (a discovery document, a JWKS), size-capped, within `deadline`."""
         try:
             async with asyncio.timeout_at(self._loop_deadline(deadline)):
                 async with self.http.stream("GET", url) as response:
@@ -227,26 +256,44 @@ class UpstreamClient:
         except UpstreamError:
             raise
         except Exception as exc:
-            raise _exchange_failure(exc, "the authorization server's discovery endpoint") from exc
+            raise _exchange_failure(exc, f"the authorization server's {what} endpoint") from exc
         if status == 429 or status >= 500:
-            raise UpstreamUnavailable(f"The authorization server's discovery answered HTTP {status}.")
+            raise UpstreamUnavailable(f"The authorization server's {what} answered HTTP {status}.")
         if status != 200:
-            raise UpstreamInvalidResponse(f"The authorization server's discovery answered HTTP {status}.")
+            raise UpstreamInvalidResponse(f"The authorization server's {what} answered HTTP {status}.")
         try:
             doc = json.loads(body)
         except RecursionError as exc:
-            raise UpstreamInvalidResponse("The discovery document is nested too deeply to read.") from exc
+            raise UpstreamInvalidResponse(f"The {what} document is nested too deeply to read.") from exc
         except ValueError as exc:  # UnicodeDecodeError included
-            raise UpstreamInvalidResponse("The discovery document is not JSON.") from exc
+            raise UpstreamInvalidResponse(f"The {what} document is not JSON.") from exc
         if not isinstance(doc, dict):
-            raise UpstreamInvalidResponse("The discovery document is not a JSON object.")
+            raise UpstreamInvalidResponse(f"The {what} document is not a JSON object.")
+        return doc
+
+    async def _discover(self, issuer: str, deadline: float) -> Discovery:
+        doc = await self.get_json(f"{issuer}/.well-known/openid-configuration", deadline, "discovery")
         found = doc.get("issuer")
         if not isinstance(found, str) or found.rstrip("/") != issuer:
             raise UpstreamInvalidResponse("The discovery document names a different issuer.")
         endpoint = doc.get("token_endpoint")
         if not isinstance(endpoint, str) or not _usable_url(endpoint):
             raise UpstreamInvalidResponse("The discovery document has no usable token_endpoint.")
-        return endpoint
+        urls = {
+            name: value if isinstance(value, str) and _usable_url(value) else None
+            for name in ("authorization_endpoint", "jwks_uri", "revocation_endpoint")
+            for value in [doc.get(name)]
+        }
+        algorithms = doc.get("id_token_signing_alg_values_supported")
+        if not isinstance(algorithms, list) or not all(isinstance(a, str) for a in algorithms) or not algorithms:
+            algorithms = ["RS256"]
+        return Discovery(
+            token_endpoint=endpoint,
+            authorization_endpoint=urls["authorization_endpoint"],
+            jwks_uri=urls["jwks_uri"],
+            revocation_endpoint=urls["revocation_endpoint"],
+            id_token_algorithms=tuple(a for a in algorithms if a != "none"),
+        )
 
 
 def _usable_url(url: str) -> bool:
@@ -258,6 +305,10 @@ def _usable_url(url: str) -> bool:
     return parsed.scheme in ("https", "http") and bool(parsed.host)
 
 
+# Failures that mean the request never left: nothing was spent on the server.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+
 def _exchange_failure(exc: Exception, server: str) -> UpstreamError:
     """What a failed HTTP exchange with `server` ("the authorization server…") stands for.
 
@@ -267,10 +318,11 @@ def _exchange_failure(exc: Exception, server: str) -> UpstreamError:
     """
     name = type(exc).__name__
     subject = server[:1].upper() + server[1:]
+    maybe_sent = not isinstance(exc, _NOT_SENT)
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
-        return UpstreamUnavailable(f"{subject} did not answer in time.")
+        return UpstreamUnavailable(f"{subject} did not answer in time.", maybe_sent=maybe_sent)
     if isinstance(exc, httpx.TransportError):
-        return UpstreamUnavailable(f"{subject} could not be reached ({name}).")
+        return UpstreamUnavailable(f"{subject} could not be reached ({name}).", maybe_sent=maybe_sent)
     if isinstance(exc, httpx.DecodingError):
         return UpstreamInvalidResponse(f"{subject} sent a body that cannot be decoded (broken Content-Encoding).")
     return UpstreamInvalidResponse(f"The exchange with {server} failed ({name}).")

@@ -45,6 +45,8 @@ class FetchedToken:
     scope: str  # what the authorization server granted (may be narrower than asked)
     lifetime: float  # seconds, from expires_in / JWT exp / default
     issued_at: float  # wall-clock time the request was sent: conservative start of the lifetime
+    refresh_token: str | None = None  # authorization code and refresh grants (spec §5)
+    id_token: str | None = None
 
     @property
     def expires_at(self) -> float:
@@ -167,7 +169,18 @@ def parse_token_response(
         scope=granted,
         lifetime=lifetime,
         issued_at=issued_at,
+        refresh_token=_optional_token(data, "refresh_token"),
+        id_token=_optional_token(data, "id_token"),
     )
+
+
+def _optional_token(data: dict[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 16384 or not value.isascii() or not value.isprintable():
+        raise UpstreamInvalidResponse(f"The authorization server's {name} is not a printable token.")
+    return value
 
 
 def _granted_scope(scope: Any, requested_scope: str) -> str:

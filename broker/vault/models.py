@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.reader import Reader, check_url, scope_list, to_str
+from broker.reader import Reader, check_url, scope_list, to_float, to_str
 from broker.secret import Secret
 
 __all__ = [
@@ -48,6 +48,9 @@ class CredentialSettings:
     audience: str | None = None
     resource: str | None = None
     extra_params: Mapping[str, str] = field(default_factory=dict)
+    grant: str = "client_credentials"  # or "authorization_code": users log in (spec §5)
+    return_to_allow: tuple[str, ...] = ()  # URL prefixes a login may send the browser back to
+    rotation_grace_seconds: float = 0.0  # a refresh whose answer was lost is retried only this long
     # A fingerprint of every field that shapes a token: part of every Redis key of the credential,
     # so a changed credential (or another deployment's) never serves the old one's tokens.
     shape: str = field(init=False, repr=False, compare=False)
@@ -61,6 +64,7 @@ class CredentialSettings:
             self.audience,
             self.resource,
             sorted(self.extra_params.items()),
+            self.grant,
         ]
         digest = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
         object.__setattr__(self, "shape", digest)
@@ -71,6 +75,12 @@ class CallerSettings:
     name: str
     key_sha256: str  # lowercase hex; the key itself is never stored
     grants: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # authorization_code credentials: whose users' tokens this caller may read (spec §5.1)
+    subjects: Mapping[str, str] = field(default_factory=dict)  # credential → "own" | "any"
+
+    def may_read_subject(self, credential: str, owners: frozenset[str]) -> bool:
+        """ "own": subjects who logged in through this caller; "any": every subject of it."""
+        return self.subjects.get(credential, "own") == "any" or self.name in owners
 
 
 @dataclass(frozen=True)
@@ -97,7 +107,11 @@ _CREDENTIAL_KEYS = {
     "audience",
     "resource",
     "extra_params",
+    "grant",
+    "return_to_allow",
+    "rotation_grace_seconds",
 }
+GRANTS = ("client_credentials", "authorization_code")
 _RESERVED_FORM_FIELDS = {
     "grant_type",
     "scope",
@@ -141,6 +155,7 @@ def read_credential(r: Reader, name: str, t: Mapping[str, Any]) -> CredentialSet
             r.problem(f"{key}.extra_params.{field_name}", "must be a string")
         elif field_name in _RESERVED_FORM_FIELDS:
             r.problem(f"{key}.extra_params.{field_name}", "is set by the broker itself")
+    grant, return_to_allow, grace = _user_login(r, key, t, issuer)
     if secret is None:
         return None
     return CredentialSettings(
@@ -155,7 +170,37 @@ def read_credential(r: Reader, name: str, t: Mapping[str, Any]) -> CredentialSet
         audience=r.value(t, "audience", f"{key}.audience", to_str, None, "a string"),
         resource=r.value(t, "resource", f"{key}.resource", to_str, None, "a string"),
         extra_params={k: v for k, v in extra.items() if isinstance(v, str)},
+        grant=grant,
+        return_to_allow=return_to_allow,
+        rotation_grace_seconds=grace,
     )
+
+
+def _user_login(r: Reader, key: str, t: Mapping[str, Any], issuer: str | None) -> tuple[str, tuple[str, ...], float]:
+    """The authorization code grant's fields (spec §5.1): grant, return_to_allow, rotation grace."""
+    grant = r.value(t, "grant", f"{key}.grant", to_str, "client_credentials", "a string")
+    if grant not in GRANTS:
+        r.problem(f"{key}.grant", f"must be one of {', '.join(GRANTS)}, got {grant!r}")
+    code = grant == "authorization_code"
+    if code and issuer is None:
+        r.problem(f"{key}.issuer", 'is required for grant = "authorization_code" (OIDC discovery, id_token issuer)')
+    none: list[str] = []
+    allow = r.value(t, "return_to_allow", f"{key}.return_to_allow", _string_list, none, "a list of URL prefixes")
+    for prefix in allow:
+        check_url(r, f"{key}.return_to_allow", prefix)
+    grace = r.value(t, "rotation_grace_seconds", f"{key}.rotation_grace_seconds", to_float, 0.0, "a number")
+    if not 0 <= grace <= 3600:
+        r.problem(f"{key}.rotation_grace_seconds", f"must be between 0 and 3600, got {grace}")
+    for field_name in ("return_to_allow", "rotation_grace_seconds"):
+        if field_name in t and not code:
+            r.problem(f"{key}.{field_name}", 'is only used with grant = "authorization_code"')
+    return grant, tuple(allow), grace
+
+
+def _string_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(value)
+    return value
 
 
 def read_caller(
@@ -165,11 +210,24 @@ def read_caller(
     r.unknown(t, {"key_sha256", "grants"}, key)
     digest = _key_digest(r, t, key, "token-broker caller-key")
     grants: dict[str, frozenset[str]] = {}
-    for credential, scopes in r.table(t, "grants", f"{key}.grants").items():
+    subjects: dict[str, str] = {}
+    for credential, grant in r.table(t, "grants", f"{key}.grants").items():
         gkey = f"{key}.grants.{credential}"
         if credential not in credentials:
             r.problem(gkey, f"unknown credential {credential!r}")
             continue
+        scopes = grant
+        if isinstance(grant, Mapping):  # { scopes = [...], subjects = "own" | "any" }
+            r.unknown(grant, {"scopes", "subjects"}, gkey)
+            scopes = grant.get("scopes", [])
+            whose = r.value(grant, "subjects", f"{gkey}.subjects", to_str, "own", "a string")
+            if whose not in ("own", "any"):
+                r.problem(f"{gkey}.subjects", f'must be "own" or "any", got {whose!r}')
+            elif credentials[credential].get("grant", "client_credentials") != "authorization_code":
+                r.problem(
+                    f"{gkey}.subjects", f"credentials.{credential} has no users (grant is not authorization_code)"
+                )
+            subjects[credential] = whose
         granted = scope_list(r, {"s": scopes}, "s", gkey)
         cred = credentials[credential]
         if isinstance(cred, Mapping):
@@ -178,7 +236,7 @@ def read_caller(
                 if scope not in allowed:
                     r.problem(gkey, f"scope {scope!r} is not allowed by credentials.{credential}.scopes")
         grants[credential] = frozenset(granted)
-    return CallerSettings(name=name, key_sha256=digest, grants=grants)
+    return CallerSettings(name=name, key_sha256=digest, grants=grants, subjects=subjects)
 
 
 def read_admin(r: Reader, name: str, t: Mapping[str, Any]) -> AdminSettings:

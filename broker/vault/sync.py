@@ -56,7 +56,7 @@ class Document:
     def entries(self, seed: Entries, env: Mapping[str, str]) -> tuple[Entries, list[str]]:
         """Validated exactly like the config file, against the config file's entries."""
         reader = Reader(env)
-        known = {name: {"scopes": list(c.scopes)} for name, c in seed.credentials.items()}
+        known = {name: {"scopes": list(c.scopes), "grant": c.grant} for name, c in seed.credentials.items()}
         digests = {c.key_sha256: f"callers.{c.name}" for c in seed.callers.values()}
         digests.update({a.key_sha256: f"admins.{a.name}" for a in seed.admins.values()})
         entries = read_entries(

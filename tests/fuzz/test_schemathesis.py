@@ -32,14 +32,14 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from tests.conftest import ADMIN, CALLER_KEYS, READ, WRITE
+from tests.conftest import ADMIN, ADMIN_KEY, CALLER_KEYS, READ, WRITE
 from tests.fuzz.conftest import assert_alive_and_clean, live_broker_process
 from tests.support import CLIENT_SECRET, REPO_ROOT, AuthServerProcess, BrokerProcess
 
 CONFIG = schemathesis.Config.from_dict(
     {
         "generation": {"mode": "all", "max-examples": 150, "deterministic": True, "database": "none"},
-        "auth": {"openapi": {"callerKey": {"bearer": CALLER_KEYS["billing"]}}},
+        "auth": {"openapi": {"callerKey": {"bearer": CALLER_KEYS["billing"]}, "adminKey": {"bearer": ADMIN_KEY}}},
         # Most cases should get past the grant check (403 access_denied for any other name).
         "dictionaries": {
             "credentials": {"values": ["payments", "ledger"]},
@@ -65,10 +65,12 @@ ERROR_CODES = {
     "upstream_unavailable",
     "not_found",
     "method_not_allowed",
+    "read_only",
+    "temporarily_unavailable",
 }
 # Nothing internal or secret in any answer: tracebacks, source paths, the upstream client
 # secret, any caller key (the one presented included).
-LEAKS = ("Traceback", 'File "', "/work/", "broker/", ".py", CLIENT_SECRET, *CALLER_KEYS.values())
+LEAKS = ("Traceback", 'File "', "/work/", "broker/", ".py", CLIENT_SECRET, ADMIN_KEY, *CALLER_KEYS.values())
 STATS: Counter[str] = Counter()
 
 
@@ -129,18 +131,27 @@ def _count(response: schemathesis.Response) -> None:
         STATS["server_errors"] += 1
 
 
+# A schema-valid credential table may still break a rule of the config file that a JSON schema
+# cannot state (default_scopes within scopes, exactly one of issuer and token_url, a reachable
+# { env = … }): the admin API answers those 400 in the config loader's words, as it must.
+SEMANTIC_VALIDATION = {"PUT /v1/admin/credentials/{name}", "PUT /v1/admin/callers/{name}"}
+
+
 @schema.parametrize()
 def test_every_operation_conforms(case: schemathesis.Case, live_broker: BrokerProcess) -> None:
     STATS[f"op:{case.operation.label}"] += 1
     response = case.call(base_url=live_broker.url, timeout=15)
     _count(response)
-    case.validate_response(response, checks=CHECKS)
+    checks = CHECKS
+    if case.operation.label in SEMANTIC_VALIDATION and response.status_code == 400:
+        checks = [check for check in CHECKS if check is not positive_data_acceptance]
+    case.validate_response(response, checks=checks)
 
 
 def test_stateful_token_then_invalidate(live_broker: BrokerProcess) -> None:
     """Along the links: a token from GET, then POST invalidate with that token and its scope."""
 
-    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+    class Workflow(schema.include(path_regex="^/v1/tokens/").as_state_machine()):  # type: ignore[misc]
         def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
             return {"base_url": live_broker.url, "timeout": 15}
 
