@@ -11,7 +11,8 @@ BrokerError                      base: status, OAuth-style code, human sentence
 ├── UpstreamError                the authorization server did not give us a token (5xx)
 │   ├── UpstreamRejected         502 upstream_rejected: terminal, not retried
 │   ├── UpstreamInvalidResponse  502 upstream_invalid_response: not a valid token response
-│   └── UpstreamUnavailable      503 upstream_unavailable: transient, retried
+│   ├── UpstreamUnavailable      503 upstream_unavailable: transient, retried
+│   └── ReauthorizationRequired  409 reauthorization_required: a user's grant is gone; log in again
 ├── StoreUnavailable             Redis could not be reached (handled inside the token service)
 └── StoreBusy                    503 temporarily_unavailable: no Redis connection free in time (load)
 
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidRequest",
     "NotFound",
     "ReadOnly",
+    "ReauthorizationRequired",
     "StoreBusy",
     "StoreUnavailable",
     "UpstreamError",
@@ -146,6 +148,14 @@ class UpstreamUnavailable(UpstreamError):
     def headers(self) -> dict[str, str]:
         seconds = max(1, round(self.retry_after)) if self.retry_after is not None else 1
         return {"Retry-After": str(seconds)}
+
+
+class ReauthorizationRequired(UpstreamError):
+    """A subject's grant cannot give tokens any more (refused, revoked, or a refresh whose answer
+    was lost): only a new login helps. A still-valid cached token is served meanwhile."""
+
+    status = 409
+    code = "reauthorization_required"
 
 
 class StoreUnavailable(BrokerError):

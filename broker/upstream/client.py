@@ -126,7 +126,7 @@ class UpstreamClient:
                 with admitted:
                     return await self._attempt(credential, scope_set, deadline, attempt)
             except UpstreamUnavailable as exc:
-                delay = self._retry_delay(exc, attempt, deadline)
+                delay = self.retry_delay(exc, attempt, deadline)
                 if delay is None:
                     raise
                 log.info(
@@ -146,7 +146,7 @@ class UpstreamClient:
                 log.exception("upstream.unexpected_error", credential=credential.name, error_type=type(exc).__name__)
                 raise UpstreamInvalidResponse(f"The token request failed unexpectedly ({type(exc).__name__}).") from exc
 
-    def _retry_delay(self, exc: UpstreamUnavailable, attempt: int, deadline: float) -> float | None:
+    def retry_delay(self, exc: UpstreamUnavailable, attempt: int, deadline: float) -> float | None:
         """Exponential backoff with full jitter, at least Retry-After; None when out of attempts or time."""
         if attempt >= self.settings.max_attempts:
             return None
@@ -186,7 +186,7 @@ class UpstreamClient:
         started = time.monotonic()
         status: int | str = "error"
         try:
-            async with asyncio.timeout_at(self._loop_deadline(deadline)):
+            async with asyncio.timeout_at(self.loop_deadline(deadline)):
                 async with self.http.stream("POST", token_url, data=form, headers=headers) as response:
                     status = response.status_code
                     body = await _Body.read(response)
@@ -221,7 +221,7 @@ class UpstreamClient:
         raise classify_error(int(status), content_type, body, retry_after)
 
     @staticmethod
-    def _loop_deadline(deadline: float) -> float:
+    def loop_deadline(deadline: float) -> float:
         """asyncio.timeout_at takes loop time; convert from time.monotonic()."""
         loop = asyncio.get_running_loop()
         return loop.time() + (deadline - time.monotonic())
@@ -249,7 +249,7 @@ class UpstreamClient:
     async def get_json(self, url: str, deadline: float, what: str) -> dict[str, Any]:
         """A JSON object from `url` (a discovery document, a JWKS), size-capped, within `deadline`."""
         try:
-            async with asyncio.timeout_at(self._loop_deadline(deadline)):
+            async with asyncio.timeout_at(self.loop_deadline(deadline)):
                 async with self.http.stream("GET", url) as response:
                     body = await _Body.read(response)
                     status = response.status_code
