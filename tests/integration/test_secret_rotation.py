@@ -137,7 +137,8 @@ async def test_one_refused_secret_for_the_whole_fleet_then_the_remembered_one(
         assert len(events(brokers, "upstream.client_secret_fallback")) == 1
 
     for broker in brokers:
-        assert NEW not in broker.output() and OLD not in broker.output()
+        assert NEW not in broker.output()
+        assert OLD not in broker.output()
 
 
 async def test_a_timeout_or_a_server_error_never_tries_the_next_secret(
@@ -198,4 +199,5 @@ async def test_a_file_secret_follows_a_kubernetes_secret_mount_without_a_restart
     assert len(log_events(broker.output(), "secret.file_changed")) == 2
     unusable = log_events(broker.output(), "secret.file_unusable")
     assert [event["reason"] for event in unusable] == ["the file is empty"] * 2
-    assert NEW not in broker.output() and OLD not in broker.output()
+    assert NEW not in broker.output()
+    assert OLD not in broker.output()

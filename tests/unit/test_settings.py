@@ -393,7 +393,8 @@ def test_client_secrets_are_read_in_order_and_the_first_is_the_client_secret() -
     assert [s.reveal() for s in payments.client_secrets] == ["new-value", "old-value"]
     assert [s.source for s in payments.client_secrets] == ["env:NEW_SECRET", "env:OLD_SECRET"]
     assert payments.client_secret.reveal() == "new-value"
-    assert "new-value" not in repr(payments) and "old-value" not in repr(payments)
+    assert "new-value" not in repr(payments)
+    assert "old-value" not in repr(payments)
 
 
 def test_client_secrets_do_not_shape_the_cache_keys() -> None:
@@ -425,7 +426,8 @@ def test_client_secrets_do_not_shape_the_cache_keys() -> None:
 def test_bad_client_secrets_name_the_item(secrets: Any, key: str, words: str) -> None:
     line = only_problem(rotating(secrets), key, ROTATION_ENV)
     assert words in line
-    assert "new-value" not in line and "old-value" not in line
+    assert "new-value" not in line
+    assert "old-value" not in line
 
 
 def test_every_bad_item_of_client_secrets_is_its_own_line() -> None:
