@@ -52,11 +52,11 @@ class FileSecret(Secret):
     __slots__ = ("_checked_at", "_path", "_reported", "_seen", "check_every")
 
     def __init__(self, path: str, *, check_every: float = CHECK_EVERY) -> None:
-        """Reads the file now: OSError or ValueError (empty) when it cannot be used."""
+        """Reads the file now: OSError, or ValueError (empty, not UTF-8), when it cannot be used."""
         seen = _signature(path)
         super().__init__(read_secret_file(path), f"file:{path}")
         self._path = path
-        self._seen: _Signature | None = seen
+        self._seen = seen
         self._reported: _Signature | str | None = None  # the bad state last warned about
         self._checked_at = time.monotonic()
         self.check_every = check_every
