@@ -24,7 +24,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-__all__ = ["CONTENT_TYPE_LATEST", "Stats", "breaker_state", "observe_upstream", "render"]
+__all__ = ["CONTENT_TYPE_LATEST", "Stats", "breaker_state", "client_secret_in_use", "observe_upstream", "render"]
 
 _NS = "token_broker"
 
@@ -61,6 +61,13 @@ BREAKER_STATE = Gauge(
     "Circuit breaker per credential: 0 closed, 1 half-open, 2 open (worst worker).",
     ["credential"],
     multiprocess_mode="livemax",
+)
+CLIENT_SECRET_FALLBACK = Gauge(
+    f"{_NS}_client_secret_fallback",
+    "Which of a credential's client_secrets the last token request used: 0 the first; above 0 a"
+    " fallback is in use, so the rotation is not finished (credentials with several only).",
+    ["credential"],
+    multiprocess_mode="livemostrecent",  # the latest any worker learnt, not a stale one's
 )
 CACHE_ENTRIES = Gauge(
     f"{_NS}_cache_entries", "Tokens held in the per-worker L1 caches.", ["level"], multiprocess_mode="livesum"
@@ -107,6 +114,10 @@ class Stats:
 def observe_upstream(credential: str, status: str, seconds: float) -> None:
     UPSTREAM_REQUESTS.labels(credential, status).inc()
     UPSTREAM_LATENCY.labels(credential).observe(seconds)
+
+
+def client_secret_in_use(credential: str, index: int) -> None:
+    CLIENT_SECRET_FALLBACK.labels(credential).set(index)
 
 
 def breaker_state(credential: str, state: str) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from broker import scopes as scopes_mod
 from broker.errors import InvalidRequest
 from broker.secret import Secret
+from broker.secret_file import FileSecret
 
 __all__ = ["Reader", "check_url", "scope_list", "to_bool", "to_float", "to_int", "to_pair", "to_str"]
 
@@ -84,14 +84,12 @@ class Reader:
                 return None
             return Secret(env_value, f"env:{where}")
         try:
-            file_value = Path(where).read_text(encoding="utf-8").strip()
+            return FileSecret(where)
         except OSError as exc:
             self.problem(key, f"cannot read secret file {where}: {exc.strerror or exc}")
-            return None
-        if not file_value:
-            self.problem(key, f"secret file {where} is empty")
-            return None
-        return Secret(file_value, f"file:{where}")
+        except ValueError as exc:
+            self.problem(key, f"secret file {where} {exc}")
+        return None
 
 
 def to_bool(value: Any) -> bool:

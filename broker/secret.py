@@ -1,4 +1,8 @@
-"""Secret values: a type whose repr and str never show the value."""
+"""Secret values: a type whose repr and str never show the value.
+
+Imports nothing beyond the standard library: the callers' SDK (broker/client) uses it too. A
+secret read from a file, and read again when the file changes, is broker/secret_file.py.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ class Secret:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Secret):
             return NotImplemented
-        return hmac.compare_digest(self._value.encode(), other._value.encode())
+        return hmac.compare_digest(self.reveal().encode(), other.reveal().encode())
 
     def __hash__(self) -> int:
         return hash(self.source)

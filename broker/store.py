@@ -11,12 +11,15 @@ Keys, all hash-tagged by credential so one credential's keys share a cluster slo
     {prefix}:{<credential>}:fence:<id>   the fence counter: every lock taken gets a higher number
     {prefix}:{<credential>}:neg:<id>     a remembered refusal (negative cache)
     {prefix}:{<credential>}:inv:<id>     set for a while after an invalidation (throttles the next)
+    {prefix}:{<credential>}:secret:<sid> the fingerprint of the client secret that works (spec §6.5)
     {prefix}:events                      the pub/sub channel of writes, drops and vault changes
     {prefix}:{vault}:document|version    the admin API's credentials and callers, sealed (no TTL)
 
 `<id>` = sha256(credential shape, scope set)[:32]: the shape is a fingerprint of everything in the
 credential that shapes a token (client id, endpoint, auth method, audience, resource, extra
 params), so a changed credential or another deployment never reads these tokens (spec §4.1).
+`<sid>` = sha256(the fingerprints of the credential's client_secrets, in order)[:32]: a changed
+list of secrets never reads what was remembered for another.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ log = structlog.get_logger("broker.store")
 
 DEFAULT_PREFIX = "tb"
 _FENCE_TTL_MS = 24 * 3600 * 1000  # the counter outlives any lock; stored values carry their own fence
+_NOT_SEALED = (":lock:", ":fence:", ":inv:", ":secret:")  # key kinds whose values are not secret
+_WORKING_SECRET_TTL_S = 24 * 3600  # written again by every fetch that uses a fallback secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +88,9 @@ class Keys:
     def credential_pattern(self, credential: str) -> str:
         """Every key of one credential (SCAN MATCH): a deleted credential leaves nothing behind."""
         return f"{self.prefix}:{{{credential}}}:*"
+
+    def working_secret(self, credential: str, secrets_id: str) -> str:
+        return f"{self.prefix}:{{{credential}}}:secret:{secrets_id}"
 
     def subject_pattern(self, credential: str, subject: str = "*") -> str:
         """Every key of one subject of a credential, or of all of its subjects (SCAN MATCH)."""
@@ -250,6 +258,17 @@ class Store:
         raw = await self._call(self.redis.get, keys.refusal)
         return self.codec.decode_rejection(raw, keys.refusal) if raw else None
 
+    # -- client secret rotation (spec §6.5) ------------------------------------------------------
+
+    async def get_working_secret(self, credential: str, secrets_id: str) -> str | None:
+        """The fingerprint of the secret that worked last for this list of secrets, or None."""
+        raw = await self._call(self.redis.get, self.keys.working_secret(credential, secrets_id))
+        return raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+
+    async def put_working_secret(self, credential: str, secrets_id: str, fingerprint: str) -> None:
+        key = self.keys.working_secret(credential, secrets_id)
+        await self._call(self.redis.set, key, fingerprint, ex=_WORKING_SECRET_TTL_S)
+
     # -- encryption keys --------------------------------------------------------------------------
 
     async def rewrap_all(self) -> tuple[int, int]:
@@ -257,7 +276,7 @@ class Store:
         rewrapped = seen = 0
         async for name in self.redis.scan_iter(match=f"{self.keys.prefix}:*", count=500):
             key = name.decode() if isinstance(name, bytes) else str(name)
-            if ":lock:" in key or ":fence:" in key or ":inv:" in key or key == self.keys.vault_version:
+            if any(kind in key for kind in _NOT_SEALED) or key == self.keys.vault_version:
                 continue
             raw = await self._call(self.redis.get, key)
             if not raw:

@@ -152,6 +152,8 @@ class State:
         self.elsewhere_requests = 0
         self.requests: deque[dict[str, Any]] = deque(maxlen=1000)
         self.issued: dict[tuple[str, str, str], tuple[str, float, str]] = {}  # → (token, expiry, scope)
+        # The secrets each client may authenticate with: /_control/clients changes them (rotation).
+        self.clients: dict[str, tuple[str, ...]] = {client: (secret,) for client, secret in CLIENTS.items()}
 
     def take_fault(self) -> str:
         fault, count = self.config.fault, self.config.fault_count
@@ -247,16 +249,14 @@ class TokenRequest:
             req.client_id, req.client_secret = form["client_id"], form.get("client_secret")
         return req
 
-    def authenticated_client(self) -> str:
+    def authenticated_client(self, clients: dict[str, tuple[str, ...]]) -> str:
         if self.problem:
             raise self.problem
-        expected = CLIENTS.get(self.client_id or "")
-        if (
-            self.client_id is None
-            or expected is None
-            or self.client_secret is None
-            or not hmac.compare_digest(expected.encode(), self.client_secret.encode())
-        ):
+        accepted = clients.get(self.client_id or "", ())
+        secret = (self.client_secret or "").encode()
+        # every accepted secret compared, so the time taken does not say which one matched
+        matches = [hmac.compare_digest(expected.encode(), secret) for expected in accepted]
+        if self.client_id is None or self.client_secret is None or not any(matches):
             raise OAuthError(401, "invalid_client", "client authentication failed")
         return self.client_id
 
@@ -275,6 +275,7 @@ class AuthServer:
                 Route("/oauth/token", self.token, methods=["POST"]),
                 Route("/elsewhere", self.elsewhere, methods=["GET", "POST"]),
                 Route("/_control/config", self.control_config, methods=["POST"]),
+                Route("/_control/clients", self.control_clients, methods=["POST"]),
                 Route("/_control/stats", self.control_stats),
                 Route("/_control/reset", self.control_reset, methods=["POST"]),
                 Route("/_control/health", self.control_health),
@@ -326,23 +327,28 @@ class AuthServer:
         config = state.config
         fault = state.take_fault()
         req = TokenRequest.read(request.headers, await request.body())
-        state.requests.append(
-            {
-                "scope": req.form.get("scope"),
-                "auth": req.auth,
-                "client_id": req.client_id,
-                "form": {k: v for k, v in req.form.items() if k != "client_secret"},
-                "t": arrival,
-            }
-        )
+        record: dict[str, Any] = {
+            "scope": req.form.get("scope"),
+            "auth": req.auth,
+            "client_id": req.client_id,
+            "form": {k: v for k, v in req.form.items() if k != "client_secret"},
+            # the secret the client sent (this is the test server: rotation tests count by it)
+            "secret": req.client_secret,
+            "status": None,  # the answer's status, once given
+            "t": arrival,
+        }
+        state.requests.append(record)
         if config.delay > 0:
             await asyncio.sleep(config.delay)
         if fault != "none":
-            return self._fault(fault)
-        try:
-            return self._issue(req.authenticated_client(), req.form, config)
-        except OAuthError as exc:
-            return exc.response()
+            response = self._fault(fault)
+        else:
+            try:
+                response = self._issue(req.authenticated_client(state.clients), req.form, config)
+            except OAuthError as exc:
+                response = exc.response()
+        record["status"] = response.status_code
+        return response
 
     def _issue(self, client_id: str, form: dict[str, str], config: Config) -> Response:
         grant_type = form.get("grant_type")
@@ -440,6 +446,20 @@ class AuthServer:
         except (ValueError, TypeError) as exc:
             return JSONResponse({"error": str(exc)}, 400)
         return JSONResponse(self.state.config.as_json())
+
+    async def control_clients(self, request: Request) -> Response:
+        """{"client_id": …, "secrets": […]}: the secrets that client may authenticate with from now
+        on (an empty list: none). The answer lists each client with how many secrets it has."""
+        body = await request.json()
+        client_id, secrets = body.get("client_id"), body.get("secrets")
+        if (
+            not isinstance(client_id, str)
+            or not isinstance(secrets, list)
+            or not all(isinstance(s, str) and s for s in secrets)
+        ):
+            return JSONResponse({"error": "want {client_id: str, secrets: [non-empty str, …]}"}, 400)
+        self.state.clients[client_id] = tuple(secrets)
+        return JSONResponse({client: len(accepted) for client, accepted in self.state.clients.items()})
 
     async def control_stats(self, request: Request) -> Response:
         state = self.state

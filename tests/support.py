@@ -207,6 +207,15 @@ class AuthServerProcess:
     def token_requests(self) -> int:
         return int(self.stats()["token_requests"])
 
+    def accept_secrets(self, *secrets: str, client_id: str = CLIENT_ID) -> None:
+        """From now on `client_id` authenticates with any of `secrets` (and no other)."""
+        response = self._http().post("/_control/clients", json={"client_id": client_id, "secrets": list(secrets)})
+        response.raise_for_status()
+
+    def requests_by_secret(self) -> list[tuple[str | None, int | None]]:
+        """(secret sent, HTTP status answered) of each token request, oldest first."""
+        return [(r["secret"], r["status"]) for r in self.stats()["requests"]]
+
     def reset(self) -> None:
         self._http().post("/_control/reset").raise_for_status()
 

@@ -230,3 +230,23 @@ def test_reissue_hands_out_the_same_token_with_the_whole_seconds_it_has_left(
     assert fresh["access_token"] != first["access_token"]
     with pytest.raises(ValueError, match="bad type"):
         server.configure(reissue=1)
+
+
+def test_accepted_secrets_change_at_run_time_and_each_request_records_its_secret(
+    server: AuthServerProcess, http: httpx.Client
+) -> None:
+    def status(secret: str) -> int:
+        return http.post(server.token_url, data=GRANT, headers=basic(CLIENT_ID, secret)).status_code
+
+    server.accept_secrets("new-one", "old-one")
+    assert [status("new-one"), status("old-one"), status(CLIENT_SECRET)] == [200, 200, 401]
+    server.accept_secrets("new-one")
+    assert status("old-one") == 401
+    assert server.requests_by_secret() == [
+        ("new-one", 200),
+        ("old-one", 200),
+        (CLIENT_SECRET, 401),
+        ("old-one", 401),
+    ]
+    server.reset()  # back to CLIENTS
+    assert [status(CLIENT_SECRET), status("new-one")] == [200, 401]

@@ -93,7 +93,10 @@ def _credential_view(broker: Broker, snapshot: Snapshot, credential: CredentialS
     view["scopes"] = list(credential.scopes)
     view["default_scopes"] = list(credential.default_scopes)
     view["extra_params"] = dict(credential.extra_params)
-    view["client_secret"] = _secret_view(broker, credential.client_secret)
+    if len(credential.client_secrets) == 1:
+        view["client_secret"] = _secret_view(broker, credential.client_secret)
+    else:  # rotating (spec §6.5): in the order they are tried
+        view["client_secrets"] = [_secret_view(broker, secret) for secret in credential.client_secrets]
     return view
 
 
@@ -152,9 +155,12 @@ async def put_credential(request: Request) -> Response:
     snapshot = broker.registry.snapshot
     credential = snapshot.credentials[name]
     view = _credential_view(broker, snapshot, credential)
-    _audit(
-        request, "create" if created else "replace", "credential", name, secret_fp=view["client_secret"]["fingerprint"]
+    secret_fp = (
+        [v["fingerprint"] for v in view["client_secrets"]]
+        if "client_secrets" in view
+        else view["client_secret"]["fingerprint"]
     )
+    _audit(request, "create" if created else "replace", "credential", name, secret_fp=secret_fp)
     return _json(view, 201 if created else 200)
 
 

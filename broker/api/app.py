@@ -31,7 +31,7 @@ from broker.settings import Settings
 from broker.store import Store
 from broker.tasks import cancel
 from broker.tokens import TokenService
-from broker.upstream import UpstreamClient, new_http_client
+from broker.upstream import SecretRotation, UpstreamClient, new_http_client
 from broker.vault.models import Entries
 from broker.vault.registry import Registry
 from broker.vault.sync import VaultSync
@@ -114,7 +114,11 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         store = Store(redis, prefix=settings.redis.key_prefix, codec=Codec(settings.keyring), clock=clock)
         http = new_http_client(settings.upstream)
         upstream = UpstreamClient(
-            http, settings.upstream, default_expires_in=settings.cache.default_expires_in, clock=clock
+            http,
+            settings.upstream,
+            default_expires_in=settings.cache.default_expires_in,
+            clock=clock,
+            rotation=SecretRotation(store, store.codec.fingerprint),  # the working secret, fleet-wide
         )
         tokens = TokenService(
             settings.cache,

@@ -2,5 +2,6 @@
 
 from broker.upstream.client import UpstreamClient, new_http_client
 from broker.upstream.response import FetchedToken
+from broker.upstream.rotation import SecretRotation
 
-__all__ = ["FetchedToken", "UpstreamClient", "new_http_client"]
+__all__ = ["FetchedToken", "SecretRotation", "UpstreamClient", "new_http_client"]

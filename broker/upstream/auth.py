@@ -6,14 +6,18 @@ import base64
 from typing import Protocol
 from urllib.parse import quote_plus
 
+from broker.secret import Secret
 from broker.vault.models import CredentialSettings
 
 __all__ = ["ClientAuth", "ClientSecretBasic", "ClientSecretPost", "client_auth_for"]
 
 
 class ClientAuth(Protocol):
-    def apply(self, credential: CredentialSettings, form: dict[str, str], headers: dict[str, str]) -> None:
-        """Add what authenticates the client to the token request's form and headers."""
+    def apply(
+        self, credential: CredentialSettings, secret: Secret, form: dict[str, str], headers: dict[str, str]
+    ) -> None:
+        """Add what authenticates the client (with `secret`, one of its client_secrets) to the
+        token request's form and headers."""
 
 
 class ClientSecretBasic:
@@ -22,15 +26,19 @@ class ClientSecretBasic:
     httpx's own BasicAuth skips the urlencoding, which breaks ids and secrets with ':' or '%'.
     """
 
-    def apply(self, credential: CredentialSettings, form: dict[str, str], headers: dict[str, str]) -> None:
-        pair = f"{quote_plus(credential.client_id)}:{quote_plus(credential.client_secret.reveal())}"
+    def apply(
+        self, credential: CredentialSettings, secret: Secret, form: dict[str, str], headers: dict[str, str]
+    ) -> None:
+        pair = f"{quote_plus(credential.client_id)}:{quote_plus(secret.reveal())}"
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
 
 
 class ClientSecretPost:
-    def apply(self, credential: CredentialSettings, form: dict[str, str], headers: dict[str, str]) -> None:
+    def apply(
+        self, credential: CredentialSettings, secret: Secret, form: dict[str, str], headers: dict[str, str]
+    ) -> None:
         form["client_id"] = credential.client_id
-        form["client_secret"] = credential.client_secret.reveal()
+        form["client_secret"] = secret.reveal()
 
 
 _REGISTRY: dict[str, ClientAuth] = {

@@ -13,7 +13,8 @@ import httpx
 import structlog
 
 from broker.clock import Clock, SystemClock
-from broker.errors import UpstreamError, UpstreamInvalidResponse, UpstreamUnavailable
+from broker.entries import fingerprint
+from broker.errors import UpstreamError, UpstreamInvalidResponse, UpstreamRejected, UpstreamUnavailable
 from broker.metrics import observe_upstream
 from broker.settings import UpstreamSettings
 from broker.upstream.auth import client_auth_for
@@ -24,6 +25,7 @@ from broker.upstream.response import (
     classify_error,
     parse_token_response,
 )
+from broker.upstream.rotation import SecretPlan, SecretRotation
 from broker.vault.models import CredentialSettings
 
 __all__ = ["Discovery", "UpstreamClient", "new_http_client"]
@@ -88,6 +90,7 @@ class UpstreamClient:
         *,
         default_expires_in: float,
         clock: Clock | None = None,
+        rotation: SecretRotation | None = None,
     ) -> None:
         self.http = http
         self.settings = settings
@@ -96,11 +99,14 @@ class UpstreamClient:
         self._discovered: dict[str, _Discovered] = {}
         self._discovery_locks: dict[str, asyncio.Lock] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
+        # Without a store (check-config --probe, unit tests) this process remembers for itself.
+        self.rotation = rotation or SecretRotation(None, fingerprint)
 
     def forget(self, credentials: set[str]) -> None:
         """These credentials changed: their circuit breakers start closed, discovery anew."""
         for name in credentials:
             self._breakers.pop(name, None)
+        self.rotation.forget(credentials)
         self._discovered.clear()
 
     def breaker(self, credential: str) -> CircuitBreaker:
@@ -118,15 +124,23 @@ class UpstreamClient:
         wrong in the exchange (the original exception chained as its cause).
         """
         breaker = self.breaker(credential.name)
-        attempt = 0
+        plan = await self.rotation.plan(credential, deadline)
+        attempt = failures = 0
         while True:
             attempt += 1
             admitted = breaker.admit()  # the circuit-open refusal is raised here: not retried
             try:
                 with admitted:
-                    return await self._attempt(credential, scope_set, deadline, attempt)
+                    fetched = await self._attempt(credential, plan, scope_set, deadline, attempt)
+            except UpstreamRejected as exc:
+                # Only a refused client authentication tries the next secret (spec §6.5): the
+                # same fetch, the same deadline. Anything else says nothing about the secret.
+                if exc.upstream_error == "invalid_client" and plan.fall_back():
+                    continue
+                raise
             except UpstreamUnavailable as exc:
-                delay = self.retry_delay(exc, attempt, deadline)
+                failures += 1
+                delay = self.retry_delay(exc, failures, deadline)
                 if delay is None:
                     raise
                 log.info(
@@ -145,17 +159,20 @@ class UpstreamClient:
                 # the traceback goes to the log (through the redactor, like every line).
                 log.exception("upstream.unexpected_error", credential=credential.name, error_type=type(exc).__name__)
                 raise UpstreamInvalidResponse(f"The token request failed unexpectedly ({type(exc).__name__}).") from exc
+            else:
+                await self.rotation.worked(credential, plan, deadline)
+                return fetched
 
-    def retry_delay(self, exc: UpstreamUnavailable, attempt: int, deadline: float) -> float | None:
+    def retry_delay(self, exc: UpstreamUnavailable, failures: int, deadline: float) -> float | None:
         """Exponential backoff with full jitter, at least Retry-After; None when out of attempts or time."""
-        if attempt >= self.settings.max_attempts:
+        if failures >= self.settings.max_attempts:
             return None
-        backoff = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (attempt - 1)))  # noqa: S311
+        backoff = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (failures - 1)))  # noqa: S311
         delay = max(backoff, exc.retry_after or 0.0)
         return delay if time.monotonic() + delay < deadline else None
 
     async def _attempt(
-        self, credential: CredentialSettings, scope_set: str, deadline: float, attempt: int
+        self, credential: CredentialSettings, plan: SecretPlan, scope_set: str, deadline: float, attempt: int
     ) -> FetchedToken:
         form: dict[str, str] = {"grant_type": "client_credentials"}
         if scope_set:
@@ -165,7 +182,7 @@ class UpstreamClient:
         if credential.resource:
             form["resource"] = credential.resource
         form.update(credential.extra_params)
-        return await self.post_token(credential, form, deadline, requested_scope=scope_set, attempt=attempt)
+        return await self.post_token(credential, form, deadline, plan=plan, requested_scope=scope_set, attempt=attempt)
 
     async def post_token(
         self,
@@ -173,6 +190,7 @@ class UpstreamClient:
         form: dict[str, str],
         deadline: float,
         *,
+        plan: SecretPlan,
         requested_scope: str,
         attempt: int = 1,
         grant: str = "client_credentials",
@@ -180,7 +198,9 @@ class UpstreamClient:
         """One POST to the token endpoint (any grant), the client authenticated; its answer read."""
         token_url = await self.token_endpoint(credential, deadline)
         headers: dict[str, str] = {}
-        client_auth_for(credential.auth_method).apply(credential, form, headers)
+        client_auth_for(credential.auth_method).apply(credential, plan.secret, form, headers)
+        # which of several secrets (the field name must not say "secret": the redactor masks those)
+        using = {"using": f"client_secrets[{plan.index}]"} if plan.rotating else {}
 
         issued_at = self.clock.now()
         started = time.monotonic()
@@ -209,6 +229,7 @@ class UpstreamClient:
                 status=status,
                 attempt=attempt,
                 duration_ms=round(elapsed * 1000, 1),
+                **using,
             )
         if status == 200:
             return parse_token_response(

@@ -60,6 +60,7 @@ class UserGrants:
         # The answer may carry `openid` (and a login's other scopes) beside what was asked.
         requested = " ".join(sorted({*scope_set.split(), "openid", "offline_access"}))
         breaker = self.upstream.breaker(credential.name)
+        plan = await self.upstream.rotation.plan(credential, deadline)  # the secret in use; no fallback here
         attempt = 0
         while True:
             attempt += 1
@@ -67,7 +68,13 @@ class UserGrants:
             try:
                 with admitted:
                     return await self.upstream.post_token(
-                        credential, dict(form), deadline, requested_scope=requested, attempt=attempt, grant=grant
+                        credential,
+                        dict(form),
+                        deadline,
+                        plan=plan,
+                        requested_scope=requested,
+                        attempt=attempt,
+                        grant=grant,
                     )
             except UpstreamUnavailable as exc:
                 delay = None if exc.maybe_sent else self.upstream.retry_delay(exc, attempt, deadline)
@@ -88,7 +95,8 @@ class UserGrants:
             return False
         form = {"token": token, "token_type_hint": "refresh_token"}
         headers: dict[str, str] = {}
-        client_auth_for(credential.auth_method).apply(credential, form, headers)
+        plan = await self.upstream.rotation.plan(credential, deadline)
+        client_auth_for(credential.auth_method).apply(credential, plan.secret, form, headers)
         try:
             async with asyncio.timeout_at(self.upstream.loop_deadline(deadline)):
                 response = await self.upstream.http.post(discovery.revocation_endpoint, data=form, headers=headers)

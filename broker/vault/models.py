@@ -35,11 +35,16 @@ _SHA256_HEX = frozenset("0123456789abcdef")
 NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")  # credential, caller, admin names: URL path segments, Redis hash tags
 
 
+MAX_CLIENT_SECRETS = 8
+
+
 @dataclass(frozen=True)
 class CredentialSettings:
     name: str
     client_id: str
-    client_secret: Secret
+    # `client_secret`, or `client_secrets` in the order to try them (spec §6.5). Not part of the
+    # shape: rotating a secret keeps the cached tokens.
+    client_secrets: tuple[Secret, ...]
     token_url: str | None = None
     issuer: str | None = None
     auth_method: str = "client_secret_basic"
@@ -68,6 +73,11 @@ class CredentialSettings:
         ]
         digest = hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:16]
         object.__setattr__(self, "shape", digest)
+
+    @property
+    def client_secret(self) -> Secret:
+        """The first secret: the one to use unless the authorization server refuses it."""
+        return self.client_secrets[0]
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,7 @@ _CREDENTIAL_KEYS = {
     "token_url",
     "client_id",
     "client_secret",
+    "client_secrets",
     "auth_method",
     "scopes",
     "default_scopes",
@@ -143,7 +154,7 @@ def read_credential(r: Reader, name: str, t: Mapping[str, Any]) -> CredentialSet
         )
     elif auth_method not in AUTH_METHODS:
         r.problem(f"{key}.auth_method", f"must be one of {', '.join(AUTH_METHODS)}, got {auth_method!r}")
-    secret = r.secret(t, "client_secret", f"{key}.client_secret")
+    secrets = _client_secrets(r, t, key)
     allowed = scope_list(r, t, "scopes", f"{key}.scopes")
     defaults = scope_list(r, t, "default_scopes", f"{key}.default_scopes")
     for scope in defaults:
@@ -156,12 +167,12 @@ def read_credential(r: Reader, name: str, t: Mapping[str, Any]) -> CredentialSet
         elif field_name in _RESERVED_FORM_FIELDS:
             r.problem(f"{key}.extra_params.{field_name}", "is set by the broker itself")
     grant, return_to_allow, grace = _user_login(r, key, t, issuer)
-    if secret is None:
+    if not secrets:
         return None
     return CredentialSettings(
         name=name,
         client_id=client_id,
-        client_secret=secret,
+        client_secrets=secrets,
         token_url=token_url,
         issuer=issuer.rstrip("/") if issuer else None,
         auth_method=auth_method,
@@ -201,6 +212,36 @@ def _string_list(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise TypeError(value)
     return value
+
+
+def _client_secrets(r: Reader, t: Mapping[str, Any], key: str) -> tuple[Secret, ...]:
+    """`client_secret`, or the `client_secrets` list (rotation): () after a problem."""
+    if "client_secrets" not in t:
+        secret = r.secret(t, "client_secret", f"{key}.client_secret")
+        return (secret,) if secret is not None else ()
+    if "client_secret" in t:
+        r.problem(key, "needs exactly one of client_secret or client_secrets (a list, while rotating)")
+        return ()
+    refs, lkey = t["client_secrets"], f"{key}.client_secrets"
+    if not isinstance(refs, list):
+        r.problem(lkey, 'must be a list of secrets: [{ env = "NEW" }, { env = "OLD" }]')
+        return ()
+    if not refs or len(refs) > MAX_CLIENT_SECRETS:
+        r.problem(lkey, f"must hold 1 to {MAX_CLIENT_SECRETS} secrets, got {len(refs)}")
+        return ()
+    found: list[tuple[int, Secret]] = []
+    for i, ref in enumerate(refs):
+        item = f"{lkey}[{i}]"
+        secret = r.secret({"s": ref}, "s", item) if ref is not None else None
+        if ref is None:
+            r.problem(item, 'must be { env = "NAME" }, { file = "/path" } or a string')
+        if secret is None:
+            continue
+        same = next((j for j, earlier in found if earlier == secret), None)
+        if same is not None:
+            r.problem(item, f"is the same secret as client_secrets[{same}]")
+        found.append((i, secret))
+    return tuple(secret for _, secret in found) if len(found) == len(refs) else ()
 
 
 def read_caller(

@@ -137,6 +137,46 @@ def test_a_new_caller_key_works_at_once_and_the_old_one_stops(admin_client: Test
     assert gone.status_code == 401
 
 
+def test_a_credential_with_client_secrets_shows_each_secret_in_order_never_a_value(
+    admin_client: TestClient, authserver: AuthServerProcess
+) -> None:
+    """Rotation through the admin API (spec §6.5): the list is validated like the config file's,
+    shown as fingerprints in the order tried, and the fallback serves tokens."""
+    rotated = "a-new-secret-not-yet-accepted"
+    table = credential_table(authserver, client_secrets=[rotated, {"env": SECRET_ENV}])
+    del table["client_secret"]
+    created = admin_client.put(f"{ADMIN}/credentials/orders", headers=admin_auth(), json=table)
+    assert created.status_code == 201, created.text
+    views = created.json()["client_secrets"]
+    assert "client_secret" not in created.json()
+    assert [v["set"] for v in views] == [True, True]
+    assert "from" not in views[0]
+    assert views[1]["from"] == f"env:{SECRET_ENV}"
+    assert views[0]["fingerprint"] != views[1]["fingerprint"]
+    assert rotated not in created.text
+    assert CLIENT_SECRET not in created.text
+    shown = admin_client.get(f"{ADMIN}/credentials/orders", headers=admin_auth()).json()
+    assert shown["client_secrets"] == views
+
+    caller = admin_client.put(f"{ADMIN}/callers/shipping", headers=admin_auth(), json={"grants": {"orders": [READ]}})
+    token = admin_client.get("/v1/tokens/orders", headers={"Authorization": f"Bearer {caller.json()['caller_key']}"})
+    assert token.status_code == 200, token.text
+    assert authserver.requests_by_secret() == [(rotated, 401), (CLIENT_SECRET, 200)]
+
+    both = admin_client.put(
+        f"{ADMIN}/credentials/orders", headers=admin_auth(), json={**table, "client_secret": CLIENT_SECRET}
+    )
+    assert both.status_code == 400
+    assert (
+        "credentials.orders: needs exactly one of client_secret or client_secrets" in both.json()["error_description"]
+    )
+    twice = admin_client.put(
+        f"{ADMIN}/credentials/orders", headers=admin_auth(), json={**table, "client_secrets": [rotated, rotated]}
+    )
+    assert twice.status_code == 400
+    assert "credentials.orders.client_secrets[1]: is the same secret as client_secrets[0]" in twice.text
+
+
 def test_validation_errors_name_the_field_in_the_config_loaders_words(
     admin_client: TestClient, authserver: AuthServerProcess
 ) -> None:

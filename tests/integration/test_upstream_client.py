@@ -32,7 +32,7 @@ async def upstream() -> AsyncIterator[UpstreamClient]:
 
 def credential(authserver: AuthServerProcess, *, discovered: bool = False) -> CredentialSettings:
     where = {"issuer": authserver.url} if discovered else {"token_url": authserver.token_url}
-    return CredentialSettings(name="payments", client_id=CLIENT_ID, client_secret=Secret(CLIENT_SECRET), **where)
+    return CredentialSettings(name="payments", client_id=CLIENT_ID, client_secrets=(Secret(CLIENT_SECRET),), **where)
 
 
 def deadline(seconds: float = 5.0) -> float:

@@ -205,3 +205,17 @@ def test_encryption_key_prints_a_usable_key() -> None:
     [line] = result.stdout.splitlines()  # only the key: `encryption-key > keys` makes a keys file
     assert line.startswith("k2:")
     assert KeyRing.parse(line).primary == "k2"
+
+
+def test_check_config_non_utf8_secret_file_is_a_problem_line_not_a_traceback(tmp_path: Path) -> None:
+    """Defect: a `{ file = … }` secret that is not UTF-8 text escaped validation as a
+    UnicodeDecodeError traceback instead of one problem line naming the key (exit code 2)."""
+    secret = tmp_path / "payments.secret"
+    secret.write_bytes(b"\xff\xfe-not-text")
+    path = tmp_path / "broker.toml"
+    path.write_text(VALID.replace('{ env = "CLI_PAY_SECRET" }', f'{{ file = "{secret}" }}'), encoding="utf-8")
+    result = check_config(path)
+    assert_no_traceback(result)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line == f"config error: credentials.payments.client_secret: secret file {secret} is not UTF-8 text"

@@ -19,7 +19,7 @@ def credential(client_id: str, secret: str, method: str = "client_secret_basic")
     return CredentialSettings(
         name="payments",
         client_id=client_id,
-        client_secret=Secret(secret),
+        client_secrets=(Secret(secret),),
         token_url="https://auth.example.com/oauth/token",
         auth_method=method,
     )
@@ -28,7 +28,8 @@ def credential(client_id: str, secret: str, method: str = "client_secret_basic")
 def basic(client_id: str, secret: str) -> tuple[dict[str, str], dict[str, str]]:
     form: dict[str, str] = {"grant_type": "client_credentials"}
     headers: dict[str, str] = {}
-    client_auth_for("client_secret_basic").apply(credential(client_id, secret), form, headers)
+    cred = credential(client_id, secret)
+    client_auth_for("client_secret_basic").apply(cred, cred.client_secret, form, headers)
     return form, headers
 
 
@@ -56,7 +57,8 @@ def test_basic_with_plain_credentials_matches_the_usual_header() -> None:
 def test_post_puts_id_and_secret_in_the_form() -> None:
     form: dict[str, str] = {"grant_type": "client_credentials", "scope": "a"}
     headers: dict[str, str] = {}
-    client_auth_for("client_secret_post").apply(credential("a:b é", "p%ss+w:rd", "client_secret_post"), form, headers)
+    cred = credential("a:b é", "p%ss+w:rd", "client_secret_post")
+    client_auth_for("client_secret_post").apply(cred, cred.client_secret, form, headers)
     assert form == {
         "grant_type": "client_credentials",
         "scope": "a",

@@ -16,7 +16,7 @@ from broker.vault.models import CredentialSettings
 BASE = CredentialSettings(
     name="payments",
     client_id="client-a",
-    client_secret=Secret("s"),
+    client_secrets=(Secret("s"),),
     token_url="https://auth.example.com/oauth/token",
     scopes=("a", "b"),
 )
@@ -65,7 +65,8 @@ def test_a_change_to_any_token_shaping_field_changes_every_key(change: dict[str,
 
 def test_fields_that_do_not_shape_a_token_keep_the_keys() -> None:
     # the secret (rotation must not turn every hit into a miss) and the scopes a caller may ask for
-    same = dataclasses.replace(BASE, client_secret=Secret("rotated"), scopes=("a", "b", "c"), default_scopes=("a",))
+    rotated = (Secret("new"), Secret("rotated"))
+    same = dataclasses.replace(BASE, client_secrets=rotated, scopes=("a", "b", "c"), default_scopes=("a",))
     assert same.shape == BASE.shape
 
 

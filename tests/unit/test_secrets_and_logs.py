@@ -57,7 +57,7 @@ def test_secret_equality_compares_values() -> None:
 
 def test_credential_settings_repr_hides_the_secret() -> None:
     cred = CredentialSettings(
-        name="payments", client_id="my-client", client_secret=Secret(VALUE), token_url="https://a/token"
+        name="payments", client_id="my-client", client_secrets=(Secret(VALUE),), token_url="https://a/token"
     )
     assert VALUE not in repr(cred)
     assert "my-client" in repr(cred)

@@ -372,3 +372,85 @@ def test_credential_and_caller_names_are_url_and_hash_tag_safe(name: str) -> Non
     data["credentials"][name] = data["credentials"]["payments"]
     found = problems(data)
     assert any(p.startswith(f"credentials.{name}: a credential name is") for p in found), found
+
+
+# -- client_secrets: rotation (spec §6.5) -----------------------------------------------------------
+
+ROTATION_ENV = {**ENV, "NEW_SECRET": "new-value", "OLD_SECRET": "old-value"}
+
+
+def rotating(secrets: Any, **more: Any) -> dict[str, Any]:
+    data = config()
+    del data["credentials"]["payments"]["client_secret"]
+    data["credentials"]["payments"]["client_secrets"] = secrets
+    data["credentials"]["payments"].update(more)
+    return data
+
+
+def test_client_secrets_are_read_in_order_and_the_first_is_the_client_secret() -> None:
+    data = rotating([{"env": "NEW_SECRET"}, {"env": "OLD_SECRET"}])
+    payments = parse_settings(data, ROTATION_ENV).credentials["payments"]
+    assert [s.reveal() for s in payments.client_secrets] == ["new-value", "old-value"]
+    assert [s.source for s in payments.client_secrets] == ["env:NEW_SECRET", "env:OLD_SECRET"]
+    assert payments.client_secret.reveal() == "new-value"
+    assert "new-value" not in repr(payments)
+    assert "old-value" not in repr(payments)
+
+
+def test_client_secrets_do_not_shape_the_cache_keys() -> None:
+    """Rotating a secret must not turn every cached token into a miss."""
+    single = parse_settings(config(), ROTATION_ENV).credentials["payments"]
+    rotated = parse_settings(rotating([{"env": "NEW_SECRET"}, {"env": "PAY_SECRET"}]), ROTATION_ENV)
+    assert rotated.credentials["payments"].shape == single.shape
+
+
+@pytest.mark.parametrize(
+    ("secrets", "key", "words"),
+    [
+        ([], "credentials.payments.client_secrets", "1 to 8 secrets, got 0"),
+        ([{"env": "NEW_SECRET"}] * 9, "credentials.payments.client_secrets", "1 to 8 secrets, got 9"),
+        ({"env": "NEW_SECRET"}, "credentials.payments.client_secrets", "must be a list"),
+        ("new-value", "credentials.payments.client_secrets", "must be a list"),
+        ([{"env": "NEW_SECRET"}, {"env": "UNSET_SECRET"}], "credentials.payments.client_secrets[1]", "UNSET_SECRET"),
+        ([{"vault": "x"}, {"env": "OLD_SECRET"}], "credentials.payments.client_secrets[0]", "must be { env"),
+        ([{"env": "NEW_SECRET"}, None], "credentials.payments.client_secrets[1]", "must be { env"),
+        ([{"env": "NEW_SECRET"}, ""], "credentials.payments.client_secrets[1]", "must not be empty"),
+        (
+            [{"env": "NEW_SECRET"}, {"env": "OLD_SECRET"}, {"env": "NEW_SECRET"}],
+            "credentials.payments.client_secrets[2]",
+            "is the same secret as client_secrets[0]",
+        ),
+    ],
+    ids=["empty", "nine", "table", "string", "unset-env", "bad-ref", "null", "blank", "twice"],
+)
+def test_bad_client_secrets_name_the_item(secrets: Any, key: str, words: str) -> None:
+    line = only_problem(rotating(secrets), key, ROTATION_ENV)
+    assert words in line
+    assert "new-value" not in line
+    assert "old-value" not in line
+
+
+def test_every_bad_item_of_client_secrets_is_its_own_line() -> None:
+    found = problems(rotating([{"env": "UNSET_A"}, {"env": "OLD_SECRET"}, {"file": ""}]), ROTATION_ENV)
+    assert [line.split(": ", 1)[0] for line in found] == [
+        "credentials.payments.client_secrets[0]",
+        "credentials.payments.client_secrets[2]",
+    ]
+
+
+def test_client_secret_and_client_secrets_together_is_a_problem() -> None:
+    data = rotating([{"env": "NEW_SECRET"}], client_secret={"env": "OLD_SECRET"})
+    assert "exactly one of client_secret or client_secrets" in only_problem(data, "credentials.payments", ROTATION_ENV)
+
+
+def test_neither_client_secret_nor_client_secrets_is_a_problem() -> None:
+    data = config()
+    del data["credentials"]["payments"]["client_secret"]
+    assert "is required" in only_problem(data, "credentials.payments.client_secret")
+
+
+def test_a_literal_in_client_secrets_is_warned_about_by_position() -> None:
+    settings = parse_settings(rotating([{"env": "NEW_SECRET"}, "literal-hunter2"]), ROTATION_ENV)
+    [warning] = settings.warnings
+    assert warning.startswith("credentials.payments.client_secrets[1]: ")
+    assert "literal-hunter2" not in warning
