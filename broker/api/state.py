@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from broker.audit import AuditTrail
 from broker.callers import CallerRegistry
 from broker.clock import Clock
-from broker.settings import Settings
+from broker.jwks import SigningKeys
+from broker.settings import CredentialSettings, Settings
 from broker.store import Store
 from broker.tokens import TokenService
 
@@ -28,3 +29,8 @@ class Broker:
     health: Health
     clock: Clock
     audit: AuditTrail
+    keys: SigningKeys  # the upstreams' JWK Sets, for the OAuth facade
+
+    def credential(self, name: str) -> CredentialSettings | None:
+        """The one place the API reads a credential by name (the credential vault will answer here)."""
+        return self.settings.credentials.get(name)
