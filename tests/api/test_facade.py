@@ -277,7 +277,7 @@ def test_basic_parts_are_form_urldecoded(facade: TestClient) -> None:
     assert _token_answer(facade.post(TOKEN, headers=header, data=form()))["scope"] == READ
     assert _token_answer(
         facade.post(TOKEN, headers={"Authorization": billing()["Authorization"].replace("Basic", "basic")}, data=form())
-    )  # noqa: E501
+    )
 
 
 def test_client_id_beside_basic_is_allowed_when_it_names_the_same_client(facade: TestClient) -> None:
@@ -349,30 +349,30 @@ def test_an_unknown_name_answers_like_a_wrong_key(facade: TestClient) -> None:
             {"content": b"grant_type=client_credentials&grant_type=client_credentials"},
             "invalid_request",
             id="grant_type-twice",
-        ),  # noqa: E501
+        ),
         pytest.param(
             {"content": f"grant_type=client_credentials&scope={READ}&scope={READ}".encode()},
             "invalid_request",
             id="scope-twice",
-        ),  # noqa: E501
+        ),
         pytest.param({"data": form(client_secret="x")}, "invalid_request", id="basic-and-client_secret"),
         pytest.param({"data": form(client_id="reporting")}, "invalid_request", id="basic-and-another-client_id"),
         pytest.param(
             {"content": b"grant_type=client_credentials&client_id=a&client_id=b"},
             "invalid_request",
             id="client_id-twice",
-        ),  # noqa: E501
+        ),
         pytest.param({"json": form()}, "invalid_request", id="json-body"),
         pytest.param(
             {"content": b"grant_type=client_credentials", "headers": {"Content-Type": "text/plain"}},
             "invalid_request",
             id="text-body",
-        ),  # noqa: E501
+        ),
         pytest.param({"content": b"grant_type=client_credentials&x=\xff"}, "invalid_request", id="not-utf8"),
         pytest.param({"content": b"&".join([b"a=1"] * 40)}, "invalid_request", id="too-many-fields"),
         pytest.param(
             {"content": b"grant_type=client_credentials&x=" + b"y" * 20_000}, "invalid_request", id="oversized"
-        ),  # noqa: E501
+        ),
         pytest.param({"data": form(grant_type="password")}, "unsupported_grant_type", id="password-grant"),
         pytest.param({"data": form(grant_type="")}, "unsupported_grant_type", id="empty-grant_type"),
         pytest.param({"data": form(scope=ADMIN)}, "invalid_scope", id="scope-outside-grant"),
@@ -546,7 +546,7 @@ def test_facade_headers(error: errors.BrokerError, headers: dict[str, str]) -> N
 
 
 def _age(redis_url: str, clock: FakeClock, seconds: float) -> None:
-    from tests.api.test_fastpath import age_tokens  # noqa: PLC0415
+    from tests.api.test_fastpath import age_tokens
 
     age_tokens(redis_url, clock, seconds)
 
