@@ -19,6 +19,7 @@ import httpx
 
 from broker.callers import hash_key, new_caller_key
 from broker.embedded_redis import terminate
+from broker.vault.keyring import new_key
 from tests.support import CLIENT_ID, CLIENT_SECRET, REPO_ROOT, BrokerProcess, free_port, wait_http
 
 # What broker/cli.py `_run_uvicorn` passes to uvicorn.run besides app, host, port and workers;
@@ -34,6 +35,8 @@ UVICORN_SETTINGS: dict[str, Any] = {
 }
 
 SECRET_ENV = "TB_BENCH_CLIENT_SECRET"
+# `serve` refuses to start without an encryption key (spec §6.1): the bench measures it encrypted.
+ENCRYPTION_KEYS = f"bench:{new_key()}"
 CREDENTIAL = "bench"
 # 16 allowed scopes: 65,535 distinct non-empty scope sets for the memory scenario.
 SCOPES = tuple(f"urn:bench:s{i:02d}" for i in range(16))
@@ -119,6 +122,7 @@ def write_config(workdir: Path, name: str, text: str) -> Path:
 def broker(config: Path, workers: int) -> Iterator[BrokerProcess]:
     """A real `token-broker serve` process (tests/support.py BrokerProcess)."""
     os.environ[SECRET_ENV] = CLIENT_SECRET
+    os.environ.setdefault("BROKER_ENCRYPTION_KEYS", ENCRYPTION_KEYS)  # the other servers of a run too
     proc = BrokerProcess(config, workers=workers, env={SECRET_ENV: CLIENT_SECRET})
     with proc:
         yield proc
