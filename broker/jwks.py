@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 
 from broker.errors import UpstreamError, UpstreamInvalidResponse, UpstreamUnavailable
-from broker.settings import CredentialSettings, UpstreamSettings
+from broker.settings import UpstreamSettings
+from broker.vault.models import CredentialSettings
 
 __all__ = ["KEYS_TTL_SECONDS", "SigningKeys"]
 

@@ -44,7 +44,7 @@ from broker.errors import (
     NotFound,
     UnsupportedGrantType,
 )
-from broker.settings import CallerSettings, CredentialSettings
+from broker.vault.models import CallerSettings, CredentialSettings
 
 __all__ = [
     "FORM_TYPE",

@@ -8,9 +8,10 @@ from broker.audit import AuditTrail
 from broker.callers import CallerRegistry
 from broker.clock import Clock
 from broker.jwks import SigningKeys
-from broker.settings import CredentialSettings, Settings
+from broker.settings import Settings
 from broker.store import Store
 from broker.tokens import TokenService
+from broker.vault.models import CredentialSettings
 
 __all__ = ["Broker", "Health"]
 
