@@ -181,6 +181,8 @@ class FastPath:
         name, _, rest = scope["path"][_FACADE_PREFIX_LENGTH:].partition("/")
         if broker is None or not name or rest != "token" or scope.get("root_path"):
             return receive
+        if broker.settings.server.public_url is None:
+            return receive  # the facade is off: the route says so
         limit = broker.settings.server.max_body_bytes
         messages: list[Message] = []
         size = 0
@@ -207,8 +209,6 @@ class FastPath:
         return replay
 
     def _facade_hit(self, scope: Scope, broker: Broker, name: str, body: bytes) -> tuple[Message, Message] | None:
-        if broker.settings.server.public_url is None:
-            return None  # the facade is off: the route says so
         authorization: str | None = None
         content_type: str | None = None
         for header, value in scope["headers"]:
