@@ -170,7 +170,7 @@ class FastPath:
         ttl = entry.expires - broker.clock.monotonic()
         broker.tokens.stats.handout(name, "l1", ttl)
         broker.audit.record(caller.name, name, scope_set, entry.fingerprint, "l1")
-        return _answer(self._encode(entry, self._encoded, token_response_parts), ttl)
+        return _answer(self._encode(entry), ttl)
 
     # -- the OAuth facade's token endpoint ---------------------------------------------------------
 
@@ -245,9 +245,11 @@ class FastPath:
     def _encode(
         self,
         entry: CachedToken,
-        cache: dict[str, _Encoded],
-        parts: Callable[[CachedToken], tuple[bytes, bytes]],
+        cache: dict[str, _Encoded] | None = None,
+        parts: Callable[[CachedToken], tuple[bytes, bytes]] = token_response_parts,
     ) -> _Encoded:
+        """`entry`'s answer, encoded once (by default the /v1 route's, in its own cache)."""
+        cache = self._encoded if cache is None else cache
         encoded = cache.get(entry.fingerprint)
         if encoded is not None and encoded.entry is entry:
             return encoded
