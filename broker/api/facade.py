@@ -21,9 +21,9 @@ behind a proxy (README, "Use it from your client library").
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
@@ -57,6 +57,8 @@ __all__ = [
     "error_response",
     "issuer_of",
     "parse_token_request",
+    "read_form",
+    "token_request",
     "token_response_parts",
 ]
 
@@ -112,8 +114,8 @@ def _basic(authorization: str) -> tuple[str, str]:
             "The token endpoint takes HTTP Basic client authentication, or client_id and client_secret in the body."
         )
     try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):
+        decoded = binascii.a2b_base64(value.strip().encode("ascii"), strict_mode=True).decode("utf-8")
+    except ValueError:  # binascii.Error, UnicodeError
         raise InvalidCallerToken("The Basic credentials are not base64 of UTF-8 text.") from None
     client_id, colon, client_secret = decoded.partition(":")
     if not colon:
@@ -121,9 +123,11 @@ def _basic(authorization: str) -> tuple[str, str]:
     return unquote_plus(client_id), unquote_plus(client_secret)
 
 
-def parse_token_request(authorization: str | None, content_type: str | None, body: bytes) -> TokenRequest:
-    """Read the form and the client's credentials. InvalidRequest for a body that is not a form
-    (the credentials may be in it) or credentials sent twice; InvalidCallerToken for none."""
+Form = dict[str, list[str]]  # every value of every field, in order
+
+
+def read_form(content_type: str | None, body: bytes) -> Form:
+    """The form body's fields. InvalidRequest for a body that is not a form."""
     if body and (content_type or "").split(";", 1)[0].strip().lower() != FORM_TYPE:
         raise InvalidRequest(f"The token request must be a form (Content-Type: {FORM_TYPE}).")
     try:
@@ -132,9 +136,20 @@ def parse_token_request(authorization: str | None, content_type: str | None, bod
         raise InvalidRequest("The form body is not UTF-8.") from None
     except ValueError:
         raise InvalidRequest(f"The form has more than {MAX_FORM_FIELDS} fields.") from None
-    fields: dict[str, list[str]] = {}
+    fields: Form = {}
     for name, value in pairs:
         fields.setdefault(name, []).append(value)
+    return fields
+
+
+def parse_token_request(authorization: str | None, content_type: str | None, body: bytes) -> TokenRequest:
+    """Read the form and the client's credentials. InvalidRequest for a body that is not a form
+    (the credentials may be in it) or credentials sent twice; InvalidCallerToken for none."""
+    return token_request(authorization, read_form(content_type, body))
+
+
+def token_request(authorization: str | None, fields: Form) -> TokenRequest:
+    """The client's credentials (Basic or the form) and the parameters, from a form already read."""
     ids, secrets = fields.get("client_id", []), fields.get("client_secret", [])
     if len(ids) > 1 or len(secrets) > 1:
         raise InvalidRequest("client_id and client_secret may be given only once.")
@@ -163,11 +178,19 @@ def _single(values: tuple[str, ...], name: str) -> str | None:
     return values[0] if values else None
 
 
+ScopeSetFor = Callable[[CredentialSettings, frozenset[str], str | None], str]
+
+
 def authorize(
-    broker: Broker, caller: CallerSettings, name: str, request: TokenRequest
+    broker: Broker,
+    caller: CallerSettings,
+    name: str,
+    request: TokenRequest,
+    scope_set_of: ScopeSetFor = scope_set_for,
 ) -> tuple[CredentialSettings, str]:
     """The checks after authentication, in order: grant (the same answer whether or not the
-    credential exists), syntax, scopes within the grant → (credential, scope set)."""
+    credential exists), syntax, scopes within the grant → (credential, scope set).
+    `scope_set_of` is the route's `scope_set_for`, or the fast path's memo of it."""
     granted = CallerRegistry.granted_scopes(caller, name)
     credential = broker.credential(name)
     if credential is None:
@@ -177,7 +200,7 @@ def authorize(
         raise InvalidRequest(f"The grant_type parameter is required: grant_type={GRANT_TYPE}.")
     if grant_type != GRANT_TYPE:
         raise UnsupportedGrantType(f"This token endpoint supports only grant_type={GRANT_TYPE}.")
-    return credential, scope_set_for(credential, granted, _single(request.scope, "scope"))
+    return credential, scope_set_of(credential, granted, _single(request.scope, "scope"))
 
 
 def token_response_parts(entry: CachedToken) -> tuple[bytes, bytes]:

@@ -36,11 +36,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker import scopes
 from broker.api import facade
-from broker.api.routes import MAX_QUERY_BYTES
+from broker.api.routes import MAX_QUERY_BYTES, scope_set_for
 from broker.api.routes import parse_min_ttl as min_ttl_seconds  # the route's own check, not a copy
 from broker.api.state import Broker
 from broker.entries import CachedToken
 from broker.errors import BrokerError, InvalidRequest
+from broker.vault.models import CredentialSettings
 
 __all__ = ["FastPath", "token_response_parts"]
 
@@ -113,6 +114,9 @@ class FastPath:
         self._encoded: dict[str, _Encoded] = {}  # by token fingerprint; checked by identity
 
         self._facade_encoded: dict[str, _Encoded] = {}
+        self._forms: dict[tuple[str | None, bytes], facade.Form] = {}  # bodies without a secret only
+        # (credential, scope parameter) → the route's scope set, for these very objects
+        self._scope_sets: dict[tuple[str, str | None], tuple[CredentialSettings, frozenset[str], str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -217,9 +221,9 @@ class FastPath:
             elif header == b"content-type":
                 content_type = value.decode("latin-1")
         try:
-            request = facade.parse_token_request(authorization, content_type, body)
+            request = facade.token_request(authorization, self._form(content_type, body))
             caller = facade.authenticate(broker, request)
-            credential, scope_set = facade.authorize(broker, caller, name, request)
+            credential, scope_set = facade.authorize(broker, caller, name, request, self._scope_set)
         except BrokerError:
             return None
         entry = broker.tokens.get_l1(credential, scope_set, broker.settings.facade.min_ttl_seconds)
@@ -229,6 +233,33 @@ class FastPath:
         broker.tokens.stats.handout(name, "l1", ttl, facade=True)
         broker.audit.record(caller.name, name, scope_set, entry.fingerprint, "l1", "oauth2")
         return _answer(self._encode(entry, self._facade_encoded, facade.token_response_parts), ttl)
+
+    def _form(self, content_type: str | None, body: bytes) -> facade.Form:
+        """The route's reading of the body; remembered when it holds no client_secret (clients
+        that use Basic send the same body every time)."""
+        key = (content_type, body)
+        form = self._forms.get(key)
+        if form is None:
+            form = facade.read_form(content_type, body)
+            if "client_secret" not in form and len(body) <= MAX_QUERY_BYTES:
+                if len(self._forms) >= _MAX_QUERIES:
+                    self._forms.clear()
+                self._forms[key] = form
+        return form
+
+    def _scope_set(self, credential: CredentialSettings, granted: frozenset[str], raw: str | None) -> str:
+        """`routes.scope_set_for`, remembered for the same credential and grant objects (a changed
+        credential or grant is another object: a miss)."""
+        key = (credential.name, raw)
+        known = self._scope_sets.get(key)
+        if known is not None and known[0] is credential and known[1] is granted:
+            return known[2]
+        scope_set = scope_set_for(credential, granted, raw)  # raises as the route does
+        if raw is None or len(raw) <= MAX_QUERY_BYTES:
+            if len(self._scope_sets) >= _MAX_QUERIES:
+                self._scope_sets.clear()
+            self._scope_sets[key] = (credential, granted, scope_set)
+        return scope_set
 
     def _query(self, raw: bytes) -> _Query | None:
         if len(raw) > MAX_QUERY_BYTES:

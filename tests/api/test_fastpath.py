@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 from structlog.testing import capture_logs
 
+from broker import errors as errors_module
 from broker.api import create_app
 from broker.api.facade import token_response_parts as facade_token_response_parts
 from broker.api.fastpath import FastPath, token_response_parts
@@ -574,3 +575,46 @@ def test_pre_encoded_facade_parts_are_the_routes_json(access_token: str, scope: 
     head, tail = facade_token_response_parts(entry)
     body = {"access_token": access_token, "token_type": "Bearer", "expires_in": 42, "scope": scope}
     assert head + b"42" + tail == JSONResponse(body).body
+
+
+def _fast_path_of(client: TestClient) -> FastPath:
+    node: Any = client.app.middleware_stack  # type: ignore[attr-defined]
+    while not isinstance(node, FastPath):
+        node = node.app
+    return node
+
+
+def test_the_fast_path_remembers_no_form_that_carries_a_client_secret(
+    facade_brokers: tuple[TestClient, TestClient], clock: FakeClock, facade_served: list[bool]
+) -> None:
+    """Bodies are remembered to skip parsing them again, but never one with a secret in it."""
+    fast, slow = facade_brokers
+    warm(fast, slow, clock)
+    secret = CALLER_KEYS["billing"]
+    by_post = f"grant_type=client_credentials&client_id=billing&client_secret={secret}".encode()
+    assert fast.post(FACADE, headers=FORM, content=by_post).status_code == 200
+    assert fast.post(FACADE, headers=_billing(), content=b"grant_type=client_credentials").status_code == 200
+    assert facade_served == [True, True]
+    remembered = _fast_path_of(fast)._forms
+    assert (FORM["Content-Type"], b"grant_type=client_credentials") in remembered
+    assert not any(secret.encode() in body for _, body in remembered)
+
+
+def test_a_remembered_scope_set_is_only_used_for_the_same_credential_and_grant() -> None:
+    """The memo of the route's scope check is keyed by name but checked by identity: a credential
+    or grant replaced at run time (a new object) is checked again, never answered from the memo."""
+    from broker.secret import Secret
+    from broker.vault.models import CredentialSettings
+
+    fast = FastPath(app=None)  # type: ignore[arg-type]
+    old = CredentialSettings(
+        "c", "id", Secret("s", "literal"), token_url="https://a/t", scopes=(READ, WRITE), default_scopes=(READ,)
+    )
+    new = CredentialSettings(
+        "c", "id", Secret("s", "literal"), token_url="https://a/t", scopes=(READ, WRITE), default_scopes=(WRITE,)
+    )
+    granted = frozenset({READ, WRITE})
+    assert fast._scope_set(old, granted, None) == READ
+    assert fast._scope_set(new, granted, None) == WRITE
+    with pytest.raises(errors_module.InsufficientScope):
+        fast._scope_set(new, frozenset({READ}), None)
