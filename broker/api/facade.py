@@ -24,8 +24,7 @@ from __future__ import annotations
 import binascii
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote_plus
 
 from starlette.requests import Request
@@ -94,8 +93,7 @@ def discovery_document(issuer: str, credential: CredentialSettings) -> dict[str,
 # -- the token request --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class TokenRequest:
+class TokenRequest(NamedTuple):
     """A token request as read from the wire: the client's credentials, and the parameters that
     are checked only after the client is authenticated and its grant found (spec §3.3)."""
 
@@ -103,6 +101,12 @@ class TokenRequest:
     client_secret: str
     grant_type: tuple[str, ...]  # every value sent
     scope: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenRequest(client_id={self.client_id!r}, client_secret='***',"
+            f" grant_type={self.grant_type!r}, scope={self.scope!r})"
+        )
 
 
 def _basic(authorization: str) -> tuple[str, str]:
@@ -120,7 +124,9 @@ def _basic(authorization: str) -> tuple[str, str]:
     client_id, colon, client_secret = decoded.partition(":")
     if not colon:
         raise InvalidCallerToken("The Basic credentials must be client_id:client_secret.")
-    return unquote_plus(client_id), unquote_plus(client_secret)
+    if "%" in decoded or "+" in decoded:  # what unquote_plus would change
+        return unquote_plus(client_id), unquote_plus(client_secret)
+    return client_id, client_secret
 
 
 Form = dict[str, list[str]]  # every value of every field, in order
@@ -150,7 +156,7 @@ def parse_token_request(authorization: str | None, content_type: str | None, bod
 
 def token_request(authorization: str | None, fields: Form) -> TokenRequest:
     """The client's credentials (Basic or the form) and the parameters, from a form already read."""
-    ids, secrets = fields.get("client_id", []), fields.get("client_secret", [])
+    ids, secrets = fields.get("client_id", ()), fields.get("client_secret", ())
     if len(ids) > 1 or len(secrets) > 1:
         raise InvalidRequest("client_id and client_secret may be given only once.")
     if authorization:

@@ -199,7 +199,9 @@ class FastPath:
             if size > limit:
                 break
             if not message.get("more_body", False):
-                answer = self._facade_hit(scope, broker, name, b"".join(m.get("body", b"") for m in messages))
+                pieces = [m.get("body", b"") for m in messages] if len(messages) > 1 else None
+                body = b"".join(pieces) if pieces is not None else message.get("body", b"")
+                answer = self._facade_hit(scope, broker, name, body)
                 if answer is not None:
                     await send(answer[0])
                     await send(answer[1])

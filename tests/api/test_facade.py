@@ -631,3 +631,12 @@ def test_quote_is_not_needed_in_scope_values(facade: TestClient) -> None:
         content=f"grant_type=client_credentials&scope={quote(READ, safe='')}".encode(),
     )
     assert _token_answer(response)["scope"] == READ
+
+
+def test_a_token_request_never_shows_its_secret() -> None:
+    from broker.api.facade import parse_token_request
+
+    request = parse_token_request(billing()["Authorization"], "application/x-www-form-urlencoded", b"scope=a")
+    assert request.client_secret == CALLER_KEYS["billing"]
+    assert CALLER_KEYS["billing"] not in repr(request)
+    assert CALLER_KEYS["billing"] not in str(request)
