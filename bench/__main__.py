@@ -23,7 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import chart, fleet, hits, memory, profile, stampede, wrk
+from bench import chart, facade, fleet, hits, memory, profile, stampede, wrk
 from bench.common import Caller, broker, broker_config, server, write_config
 from bench.hits import LatencySettings, hit_url
 from bench.wrk import WrkSettings
@@ -31,7 +31,7 @@ from tests.support import REPO_ROOT, AuthServerProcess
 
 T = TypeVar("T")
 EXIT_MISSED = 3  # ran to the end, but a target was missed (a crash exits 1)
-SCENARIOS = ("hits", "l2", "stampede", "fleet", "memory", "profile")
+SCENARIOS = ("hits", "l2", "facade", "stampede", "fleet", "memory", "profile")
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,17 @@ def _summary(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "pass": l2["pass"],
             }
         )
+    if "facade" in result:
+        f = result["facade"]
+        rows.append(
+            {
+                "figure": "facade hit throughput, 1 worker: POST /oauth2/…/token rps / bare Starlette rps (median)",
+                "value": f["median_ratio"],
+                "detail": f"facade {f['facade_rps']} vs baseline {f['baseline_rps']} rps",
+                "target": f">= {f['target']}",
+                "pass": f["pass"],
+            }
+        )
     if "stampede" in result:
         s = result["stampede"]
         rows.append(
@@ -292,6 +303,13 @@ def run(mode: Mode, only: set[str], out: Path, given_redis: str | None) -> dict[
                 "L2 hits (L1 off), encrypted and plaintext",
                 lambda: hits.run_l2(l2_config, caller, mode.rounds, mode.wrk),
             )
+        if "facade" in only:
+            _flush(redis)
+            facade_config = write_config(
+                workdir, "facade.toml", facade.facade_config(broker_config(redis, authserver.token_url, caller))
+            )
+            rounds = 1 if mode.name == "smoke" else 3  # issue 12: median of 3
+            result["facade"] = step("facade", lambda: facade.run(facade_config, caller, rounds, mode.wrk))
         if "stampede" in only:
             _flush(redis)
             result["stampede"] = step(

@@ -4,6 +4,7 @@
 
 - starlette: a bare Starlette route returning a constant JSON object through JSONResponse
   (what "a bare Starlette endpoint" costs: routing, a Response object, json.dumps per request).
+  It answers POST too (without reading the body), for the facade's form POSTs (bench/facade.py).
 - asgi: a pure ASGI callable sending the same body pre-encoded: the ceiling under this uvicorn.
 
 The body is a token-response-shaped JSON object padded to B bytes, so it matches the broker's
@@ -53,7 +54,7 @@ def starlette_app() -> Starlette:
     async def endpoint(request: Request) -> Response:
         return JSONResponse(content, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
-    return Starlette(routes=[Route(PATH, endpoint, methods=["GET"])])
+    return Starlette(routes=[Route(PATH, endpoint, methods=["GET", "POST"])])
 
 
 def asgi_app() -> Any:

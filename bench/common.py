@@ -35,6 +35,8 @@ UVICORN_SETTINGS: dict[str, Any] = {
 }
 
 SECRET_ENV = "TB_BENCH_CLIENT_SECRET"
+# `serve` refuses to start without an encryption key (spec §6.1): the bench measures it encrypted.
+ENCRYPTION_KEYS = f"bench:{new_key()}"
 CREDENTIAL = "bench"
 # 16 allowed scopes: 65,535 distinct non-empty scope sets for the memory scenario.
 SCOPES = tuple(f"urn:bench:s{i:02d}" for i in range(16))

@@ -35,11 +35,13 @@ class _Connection:
         return status
 
 
-def raw_request(url: str, headers: dict[str, str]) -> tuple[str, int, bytes]:
+def raw_request(url: str, headers: dict[str, str], method: str = "GET", body: bytes = b"") -> tuple[str, int, bytes]:
     parts = urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
-    lines = [f"GET {target} HTTP/1.1", f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in headers.items())]
-    return parts.hostname or "127.0.0.1", parts.port or 80, ("\r\n".join(lines) + "\r\n\r\n").encode()
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in headers.items())]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return parts.hostname or "127.0.0.1", parts.port or 80, ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 async def _run(url: str, headers: dict[str, str], rate: float, seconds: float, connections: int) -> dict[str, Any]:

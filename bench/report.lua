@@ -1,4 +1,7 @@
 -- wrk report: one JSON line with the latency distribution (microseconds) and error counts.
+-- WRK_METHOD and WRK_BODY (set by bench/wrk.py) make every request e.g. a form POST.
+wrk.method = os.getenv("WRK_METHOD") or wrk.method
+wrk.body = os.getenv("WRK_BODY") or wrk.body
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

@@ -8,6 +8,7 @@ than about the server, and every result names the generator that produced it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -30,11 +31,13 @@ def generator() -> str:
     return "wrk" if shutil.which("wrk") else "python closed loop (wrk not installed: rps not comparable)"
 
 
-def run(url: str, headers: dict[str, str], seconds: float, settings: WrkSettings) -> dict[str, Any]:
+def run(
+    url: str, headers: dict[str, str], seconds: float, settings: WrkSettings, method: str = "GET", body: str = ""
+) -> dict[str, Any]:
     """One wrk run against url; the result has rps, latency (ms) and error counts."""
     binary = shutil.which("wrk")
     if binary is None:
-        return _python_closed_loop(url, headers, seconds, settings)
+        return _python_closed_loop(url, headers, seconds, settings, method, body)
     cmd = [
         binary,
         f"-t{settings.threads}",
@@ -47,7 +50,8 @@ def run(url: str, headers: dict[str, str], seconds: float, settings: WrkSettings
     for name, value in headers.items():
         cmd += ["-H", f"{name}: {value}"]
     cmd.append(url)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=True)
+    env = {**os.environ, "WRK_METHOD": method, "WRK_BODY": body}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=True, env=env)
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRKJSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk printed no report: {done.stdout}\n{done.stderr}")
@@ -64,14 +68,18 @@ def run(url: str, headers: dict[str, str], seconds: float, settings: WrkSettings
     }
 
 
-def measure(url: str, headers: dict[str, str], settings: WrkSettings) -> dict[str, Any]:
+def measure(
+    url: str, headers: dict[str, str], settings: WrkSettings, method: str = "GET", body: str = ""
+) -> dict[str, Any]:
     """Warm up, then measure."""
     if settings.warmup > 0:
-        run(url, headers, settings.warmup, settings)
-    return run(url, headers, settings.duration, settings)
+        run(url, headers, settings.warmup, settings, method, body)
+    return run(url, headers, settings.duration, settings, method, body)
 
 
-def _python_closed_loop(url: str, headers: dict[str, str], seconds: float, settings: WrkSettings) -> dict[str, Any]:
+def _python_closed_loop(
+    url: str, headers: dict[str, str], seconds: float, settings: WrkSettings, method: str = "GET", body: str = ""
+) -> dict[str, Any]:
     import asyncio
     import time
 
@@ -80,7 +88,7 @@ def _python_closed_loop(url: str, headers: dict[str, str], seconds: float, setti
     from bench.common import percentile
     from bench.openloop import _Connection, raw_request
 
-    host, port, raw = raw_request(url, headers)
+    host, port, raw = raw_request(url, headers, method, body.encode())
     latencies: list[float] = []
     errors = 0
 

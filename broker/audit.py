@@ -1,8 +1,9 @@
 """The audit trail of tokens handed out (spec §6.4, §7.3).
 
 Counting is a dict increment on the hot path; a background task writes one aggregated event
-per (caller, credential, scope set, token fingerprint, source) at least once a second.
-Never the token itself: only its fingerprint.
+per (caller, credential, scope set, token fingerprint, source, API) at least once a second; the
+API (`via`) is `v1` or `oauth2` (the token-endpoint facade). Never the token itself: only its
+fingerprint.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ __all__ = ["AuditTrail"]
 
 log = structlog.get_logger("broker.audit")
 
-AuditKey = tuple[str, str, str, str, str]  # caller, credential, scope set, fingerprint, source
+AuditKey = tuple[str, str, str, str, str, str]  # caller, credential, scope set, fingerprint, source, via
 
 
 class AuditTrail:
@@ -26,13 +27,15 @@ class AuditTrail:
         self._counts: dict[AuditKey, int] = {}
         self._task: asyncio.Task[None] | None = None
 
-    def record(self, caller: str, credential: str, scope_set: str, fingerprint: str, source: str) -> None:
-        key = (caller, credential, scope_set, fingerprint, source)
+    def record(
+        self, caller: str, credential: str, scope_set: str, fingerprint: str, source: str, via: str = "v1"
+    ) -> None:
+        key = (caller, credential, scope_set, fingerprint, source, via)
         self._counts[key] = self._counts.get(key, 0) + 1
 
     def flush(self) -> None:
         counts, self._counts = self._counts, {}
-        for (caller, credential, scope_set, fingerprint, source), count in counts.items():
+        for (caller, credential, scope_set, fingerprint, source, via), count in counts.items():
             log.info(
                 "audit.tokens_handed_out",
                 logger="broker.audit",
@@ -41,6 +44,7 @@ class AuditTrail:
                 scope=scope_set,
                 token_fp=fingerprint,
                 source=source,
+                via=via,
                 count=count,
             )
 

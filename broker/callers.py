@@ -3,6 +3,10 @@
 Keys are random (256 bits), shown once, stored only as SHA-256. A presented key is hashed and
 looked up by digest, then compared with `hmac.compare_digest`: the lookup is keyed by a hash
 of a 256-bit secret, so its timing reveals nothing usable about any key.
+
+The OAuth facade's clients present a caller name and key (`client_id`, `client_secret`): the key
+is looked up the same way and the name must then match, so an unknown name costs exactly what a
+wrong key costs (the name is never looked up by itself).
 """
 
 from __future__ import annotations
@@ -70,6 +74,22 @@ class KeyIndex(Generic[K]):
 
 
 class CallerRegistry(KeyIndex[CallerSettings]):
+    def authenticate_client(self, name: str, key: str) -> CallerSettings:
+        """The caller `name` if `key` is its caller key (the facade's client_id and client_secret),
+        or InvalidCallerToken, with one answer for an unknown name and a wrong key."""
+        if _KEY_SHAPE.fullmatch(key):
+            digest = hashlib.sha256(key.encode()).digest()
+            caller = self._by_digest.get(digest)
+            if (
+                caller is not None
+                and hmac.compare_digest(digest, bytes.fromhex(caller.key_sha256))
+                and hmac.compare_digest(caller.name.encode(), name.encode("utf-8", "replace"))
+            ):
+                return caller
+        raise InvalidCallerToken(
+            "The client credentials are not valid (client_id: a caller name, client_secret: its caller key)."
+        )
+
     @staticmethod
     def granted_scopes(caller: CallerSettings, credential: str) -> frozenset[str]:
         """The scopes `caller` may request of `credential`; AccessDenied without a grant.

@@ -221,6 +221,7 @@ _DEV_CONFIG = """\
 # Written by `token-broker dev`: one demo credential, one demo caller.
 [server]
 port = {port}
+public_url = "http://127.0.0.1:{port}"   # turns on the OAuth facade at /oauth2/demo
 
 [redis]
 url = "{redis_url}"
@@ -345,9 +346,12 @@ token-broker dev
   embedded redis         {embedded.url}
   config                 {config}
   caller key             {key}   (caller demo-caller)
+  OAuth facade issuer    {base}/oauth2/demo   (client_id demo-caller, client_secret the caller key)
 
 Get a token:
   curl -s -H 'Authorization: Bearer {key}' '{base}/v1/tokens/demo?scope=urn:demo:claims.read'
+Or as an OAuth client would (RFC 6749 client credentials grant):
+  curl -s -u 'demo-caller:{key}' -d grant_type=client_credentials '{base}/oauth2/demo/token'
 """,
             flush=True,
         )

@@ -1,20 +1,31 @@
 """The one exception tree of token-broker, and how each error answers over HTTP.
 
-BrokerError                      base: status, OAuth-style code, human sentence
+Every error has two renderings: the `/v1` JSON API's (`status`, `code`, spec §3.3) and the OAuth
+2.0 token-endpoint facade's (`facade`: status and RFC 6749 §5.2 code, spec §3.5). A class that
+does not declare its `facade` rendering is refused when it is defined.
+
+                                 /v1                            facade (RFC 6749)
+BrokerError                      500 server_error               500 server_error
 ├── CallerError                  the caller's request cannot be served (4xx)
-│   ├── InvalidRequest           400 invalid_request
-│   ├── InvalidCallerToken       401 invalid_token
-│   ├── AccessDenied             403 access_denied (same answer whether or not the credential exists)
-│   ├── InsufficientScope        403 insufficient_scope
-│   ├── NotFound                 404 not_found (admin API: no such credential or caller)
-│   └── ReadOnly                 409 read_only (admin API: the entry comes from the config file)
+│   ├── InvalidRequest           400 invalid_request            400 invalid_request
+│   │   └── InvalidScope         400 invalid_request            400 invalid_scope: a malformed scope,
+│   │                                                           or none and no default scopes
+│   ├── UnsupportedGrantType     400 unsupported_grant_type     400 unsupported_grant_type
+│   ├── InvalidCallerToken       401 invalid_token              401 invalid_client
+│   ├── AccessDenied             403 access_denied              400 unauthorized_client (both: the same
+│   │                                                           answer whether or not the credential exists)
+│   ├── InsufficientScope        403 insufficient_scope         400 invalid_scope
+│   ├── NotFound                 404 not_found                  404 not_found (admin API: no such entry)
+│   └── ReadOnly                 409 read_only                  400 invalid_request (admin API only: an
+│                                                               entry from the config file)
 ├── UpstreamError                the authorization server did not give us a token (5xx)
-│   ├── UpstreamRejected         502 upstream_rejected: terminal, not retried
-│   ├── UpstreamInvalidResponse  502 upstream_invalid_response: not a valid token response
-│   ├── UpstreamUnavailable      503 upstream_unavailable: transient, retried
-│   └── ReauthorizationRequired  409 reauthorization_required: a user's grant is gone; log in again
+│   ├── UpstreamRejected         502 upstream_rejected          502 server_error: terminal, not retried
+│   ├── UpstreamInvalidResponse  502 upstream_invalid_response  502 server_error: not a valid token response
+│   ├── UpstreamUnavailable      503 upstream_unavailable       503 temporarily_unavailable: transient, retried
+│   └── ReauthorizationRequired  409 reauthorization_required   400 invalid_grant: a user's grant is gone
 ├── StoreUnavailable             Redis could not be reached (handled inside the token service)
-└── StoreBusy                    503 temporarily_unavailable: no Redis connection free in time (load)
+└── StoreBusy                    503 temporarily_unavailable    503 temporarily_unavailable: no Redis
+                                                                connection free in time (load)
 
 ConfigError                      invalid configuration: one line per problem (not a BrokerError:
                                  it never reaches a caller, it stops the process with exit code 2)
@@ -32,11 +43,13 @@ __all__ = [
     "InsufficientScope",
     "InvalidCallerToken",
     "InvalidRequest",
+    "InvalidScope",
     "NotFound",
     "ReadOnly",
     "ReauthorizationRequired",
     "StoreBusy",
     "StoreUnavailable",
+    "UnsupportedGrantType",
     "UpstreamError",
     "UpstreamInvalidResponse",
     "UpstreamRejected",
@@ -47,6 +60,12 @@ __all__ = [
 class BrokerError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "server_error"
+    facade: ClassVar[tuple[int, str]] = (500, "server_error")  # status and RFC 6749 code on the facade
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "facade" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must declare its OAuth facade rendering: facade = (status, code)")
 
     def __init__(self, description: str) -> None:
         super().__init__(description)
@@ -58,27 +77,61 @@ class BrokerError(Exception):
     def headers(self) -> dict[str, str]:
         return {}
 
+    def facade_body(self) -> dict[str, Any]:
+        """RFC 6749 §5.2: `error` and `error_description`, nothing else."""
+        return {"error": self.facade[1], "error_description": self.description}
+
+    def facade_headers(self) -> dict[str, str]:
+        """The facade's headers: `Retry-After` on every 503 (one second unless the error knows better)."""
+        headers = {name: value for name, value in self.headers().items() if name == "Retry-After"}
+        if self.facade[0] == 503:
+            headers.setdefault("Retry-After", "1")
+        return headers
+
 
 class CallerError(BrokerError):
     status = 400
+    facade = (400, "invalid_request")
 
 
 class InvalidRequest(CallerError):
     status = 400
     code = "invalid_request"
+    facade = (400, "invalid_request")
+
+
+class InvalidScope(InvalidRequest):
+    """The scope parameter cannot be used: malformed, or absent for a credential without default
+    scopes. RFC 6749 §3.3 and §5.2 call both invalid_scope; the /v1 API calls them invalid_request."""
+
+    facade = (400, "invalid_scope")
+
+
+class UnsupportedGrantType(CallerError):
+    """Another grant_type than client_credentials at the facade's token endpoint."""
+
+    status = 400
+    code = "unsupported_grant_type"
+    facade = (400, "unsupported_grant_type")
 
 
 class InvalidCallerToken(CallerError):
     status = 401
     code = "invalid_token"
+    facade = (401, "invalid_client")
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer realm="token-broker", error="invalid_token"'}
+
+    def facade_headers(self) -> dict[str, str]:
+        # RFC 6749 §5.2: a 401 names the scheme the client may use; the facade takes Basic (or the body).
+        return {"WWW-Authenticate": 'Basic realm="token-broker"'}
 
 
 class AccessDenied(CallerError):
     status = 403
     code = "access_denied"
+    facade = (400, "unauthorized_client")
 
     def __init__(self) -> None:
         # One fixed sentence: nothing in it may depend on whether the credential exists.
@@ -88,6 +141,7 @@ class AccessDenied(CallerError):
 class InsufficientScope(CallerError):
     status = 403
     code = "insufficient_scope"
+    facade = (400, "invalid_scope")
 
     def __init__(self, refused: list[str]) -> None:
         super().__init__("The caller's grant does not include the requested scope(s): " + " ".join(refused) + ".")
@@ -95,17 +149,23 @@ class InsufficientScope(CallerError):
 
 
 class NotFound(CallerError):
+    """No such thing to look at (a credential's discovery document, the facade while it is off, an
+    admin API entry)."""
+
     status = 404
     code = "not_found"
+    facade = (404, "not_found")
 
 
 class ReadOnly(CallerError):
     status = 409
     code = "read_only"
+    facade = (400, "invalid_request")  # the facade has no admin routes: never rendered there
 
 
 class UpstreamError(BrokerError):
     status = 502
+    facade = (502, "server_error")
 
 
 class UpstreamRejected(UpstreamError):
@@ -113,6 +173,7 @@ class UpstreamRejected(UpstreamError):
 
     status = 502
     code = "upstream_rejected"
+    facade = (502, "server_error")
 
     def __init__(self, description: str, *, upstream_error: str | None, upstream_status: int) -> None:
         super().__init__(description)
@@ -130,6 +191,7 @@ class UpstreamRejected(UpstreamError):
 class UpstreamInvalidResponse(UpstreamError):
     status = 502
     code = "upstream_invalid_response"
+    facade = (502, "server_error")
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -137,6 +199,7 @@ class UpstreamUnavailable(UpstreamError):
 
     status = 503
     code = "upstream_unavailable"
+    facade = (503, "temporarily_unavailable")
 
     def __init__(self, description: str, *, retry_after: float | None = None, maybe_sent: bool = False) -> None:
         super().__init__(description)
@@ -156,11 +219,13 @@ class ReauthorizationRequired(UpstreamError):
 
     status = 409
     code = "reauthorization_required"
+    facade = (400, "invalid_grant")
 
 
 class StoreUnavailable(BrokerError):
     status = 503
     code = "temporarily_unavailable"
+    facade = (503, "temporarily_unavailable")
 
 
 class StoreBusy(BrokerError):
@@ -172,6 +237,7 @@ class StoreBusy(BrokerError):
 
     status = 503
     code = "temporarily_unavailable"
+    facade = (503, "temporarily_unavailable")
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}

@@ -42,6 +42,11 @@ HANDOUT_TTL_MIN = Gauge(
     ["credential"],
     multiprocess_mode="livemin",
 )
+FACADE_REQUESTS = Counter(
+    f"{_NS}_facade_requests",
+    "Token requests through the OAuth token-endpoint facade, by credential and outcome (also in token_requests).",
+    ["credential", "outcome"],
+)
 UPSTREAM_REQUESTS = Counter(
     f"{_NS}_upstream_requests", "Token requests sent to authorization servers, by answer.", ["credential", "status"]
 )
@@ -81,28 +86,36 @@ class Stats:
     """What one worker handed out since the last flush: plain dicts, cheap on the hot path."""
 
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    facade_counts: dict[tuple[str, str], int] = field(default_factory=dict)  # the share of `counts` via the facade
     ttl_sum: dict[str, float] = field(default_factory=dict)
     ttl_min: dict[str, float] = field(default_factory=dict)
     waiters: int = 0
 
-    def handout(self, credential: str, outcome: str, ttl: float) -> None:
+    def handout(self, credential: str, outcome: str, ttl: float, *, facade: bool = False) -> None:
         key = (credential, outcome)
         self.counts[key] = self.counts.get(key, 0) + 1
+        if facade:
+            self.facade_counts[key] = self.facade_counts.get(key, 0) + 1
         self.ttl_sum[credential] = self.ttl_sum.get(credential, 0.0) + ttl
         least = self.ttl_min.get(credential)
         if least is None or ttl < least:
             self.ttl_min[credential] = ttl
 
-    def refused(self, credential: str, outcome: str) -> None:
+    def refused(self, credential: str, outcome: str, *, facade: bool = False) -> None:
         key = (credential, outcome)
         self.counts[key] = self.counts.get(key, 0) + 1
+        if facade:
+            self.facade_counts[key] = self.facade_counts.get(key, 0) + 1
 
     def flush(self, l1_entries: int) -> None:
         counts, self.counts = self.counts, {}
+        facade_counts, self.facade_counts = self.facade_counts, {}
         ttl_sum, self.ttl_sum = self.ttl_sum, {}
         ttl_min, self.ttl_min = self.ttl_min, {}
         for (credential, outcome), n in counts.items():
             TOKEN_REQUESTS.labels(credential, outcome).inc(n)
+        for (credential, outcome), n in facade_counts.items():
+            FACADE_REQUESTS.labels(credential, outcome).inc(n)
         for credential, seconds in ttl_sum.items():
             HANDOUT_TTL_SUM.labels(credential).inc(seconds)
         for credential, seconds in ttl_min.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from broker.errors import InvalidRequest
+from broker.errors import InvalidScope
 
 __all__ = ["MAX_SCOPES", "MAX_SCOPE_LENGTH", "canonical", "parse"]
 
@@ -18,21 +18,21 @@ MAX_SCOPE_LENGTH = 256
 def parse(raw: str) -> tuple[str, ...]:
     """Split on whitespace, check each scope token, de-duplicate and sort.
 
-    Raises InvalidRequest for characters RFC 6749 does not allow or oversized input.
+    Raises InvalidScope (an InvalidRequest) for characters RFC 6749 does not allow or oversized input.
     """
     if len(raw) > MAX_SCOPES * (MAX_SCOPE_LENGTH + 1):
-        raise InvalidRequest("The scope parameter is too long.")
+        raise InvalidScope("The scope parameter is too long.")
     tokens = _SEPARATORS.split(raw.strip(" \t\r\n"))
     if tokens == [""]:
         tokens = []
     for token in tokens:
         if len(token) > MAX_SCOPE_LENGTH:
-            raise InvalidRequest(f"A scope is longer than {MAX_SCOPE_LENGTH} characters.")
+            raise InvalidScope(f"A scope is longer than {MAX_SCOPE_LENGTH} characters.")
         if not _SCOPE_TOKEN.fullmatch(token):
-            raise InvalidRequest("The scope parameter contains characters that RFC 6749 does not allow in a scope.")
+            raise InvalidScope("The scope parameter contains characters that RFC 6749 does not allow in a scope.")
     unique = tuple(sorted(set(tokens)))
     if len(unique) > MAX_SCOPES:
-        raise InvalidRequest(f"At most {MAX_SCOPES} scopes may be requested at once.")
+        raise InvalidScope(f"At most {MAX_SCOPES} scopes may be requested at once.")
     return unique
 
 

@@ -25,6 +25,7 @@ from broker.vault.models import AdminSettings, CallerSettings, CredentialSetting
 
 __all__ = [
     "CacheSettings",
+    "FacadeSettings",
     "RedisSettings",
     "ServerSettings",
     "Settings",
@@ -93,12 +94,22 @@ class VaultSettings:
 
 
 @dataclass(frozen=True)
+class FacadeSettings:
+    """The OAuth 2.0 token-endpoint facade (spec §3.5); it is on when [server] public_url is set."""
+
+    # Client libraries renew early by their own skew (30-60 s): the facade asks the cache for a
+    # token with this much left (capped at half the token's lifetime, like min_ttl).
+    min_ttl_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     vault: VaultSettings = field(default_factory=VaultSettings)
+    facade: FacadeSettings = field(default_factory=FacadeSettings)
     credentials: Mapping[str, CredentialSettings] = field(default_factory=dict)
     callers: Mapping[str, CallerSettings] = field(default_factory=dict)
     admins: Mapping[str, AdminSettings] = field(default_factory=dict)
@@ -112,8 +123,8 @@ _NOT_OVERRIDES = frozenset({"BROKER_REDIS_SERVER"})
 
 
 def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
-    """BROKER_<SECTION>_<KEY> overrides [section] key for server, redis, cache and upstream."""
-    for section in ("server", "redis", "cache", "upstream", "vault"):
+    """BROKER_<SECTION>_<KEY> overrides [section] key for server, redis, cache, upstream, vault and facade."""
+    for section in ("server", "redis", "cache", "upstream", "vault", "facade"):
         prefix = f"BROKER_{section.upper()}_"
         for name, value in env.items():
             if name.startswith(prefix) and len(name) > len(prefix) and name not in _NOT_OVERRIDES:
@@ -149,6 +160,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "upstream.discovery_ttl_seconds": (0, 7 * 24 * 3600),
     "upstream.breaker_failures": (1, 1000),
     "upstream.breaker_cooldown_seconds": (0.1, 600),
+    "facade.min_ttl_seconds": (0, 24 * 3600),
 }
 
 S = TypeVar("S")
@@ -175,6 +187,11 @@ def _server(r: Reader, t: Mapping[str, Any]) -> ServerSettings:
     s = _section(r, t, ServerSettings, "server")
     if s.public_url is not None:
         check_url(r, "server.public_url", s.public_url)
+        parts = urlsplit(s.public_url)
+        if parts.query or parts.fragment:
+            r.problem("server.public_url", "must not carry a query or fragment")
+        # The facade's issuers are public_url + "/oauth2/NAME", compared byte for byte by clients.
+        s = dataclasses.replace(s, public_url=s.public_url.rstrip("/"))
     return s
 
 
@@ -241,13 +258,15 @@ def parse_settings(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
     """Validate a parsed TOML document (with env overrides applied to it)."""
     _env_overrides(data, env)
     r = Reader(env)
-    r.unknown(data, {"server", "redis", "cache", "upstream", "vault", "credentials", "callers", "admins"}, "config")
+    known = {"server", "redis", "cache", "upstream", "vault", "facade", "credentials", "callers", "admins"}
+    r.unknown(data, known, "config")
     server = _server(r, r.table(data, "server", "server"))
     redis = _redis(r, r.table(data, "redis", "redis"))
     cache = _cache(r, r.table(data, "cache", "cache"))
     upstream = _upstream(r, r.table(data, "upstream", "upstream"))
     vault = _section(r, r.table(data, "vault", "vault"), VaultSettings, "vault")
     keyring = _keyring(r, vault, env)
+    facade = _section(r, r.table(data, "facade", "facade"), FacadeSettings, "facade")
     entries = read_entries(
         r,
         r.table(data, "credentials", "credentials"),
@@ -262,6 +281,7 @@ def parse_settings(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
         cache=cache,
         upstream=upstream,
         vault=vault,
+        facade=facade,
         credentials=entries.credentials,
         callers=entries.callers,
         admins=entries.admins,

@@ -60,6 +60,12 @@ def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert latency["broker"][0]["statuses"] == {"200": latency["broker"][0]["requests"]}
     assert {"baseline_p99_ms", "broker_p99_ms", "p99_delta_ms", "pass"} <= set(latency)
 
+    facade = result["facade"]
+    assert facade["facade_rps"][0] > 0
+    assert facade["baseline_rps"][0] > 0
+    assert facade["errors"] == 0
+    assert {"median_ratio", "pass", "body_bytes", "target"} <= set(facade)
+
     stampede = result["stampede"]
     assert stampede["upstream_requests"] == 1
     assert stampede["statuses"] == {"200": stampede["requests"]}

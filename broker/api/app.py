@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker import metrics, redis_client
-from broker.api import admin, routes
+from broker.api import admin, facade, routes
 from broker.api.admin import AdminAuth
 from broker.api.fastpath import FastPath
 from broker.api.middleware import CallerAuth, RequestLimits, RequestLog
@@ -27,6 +27,7 @@ from broker.clock import Clock, SystemClock
 from broker.entries import Codec
 from broker.errors import BrokerError, StoreBusy, StoreUnavailable
 from broker.events import Event, EventSubscriber
+from broker.jwks import SigningKeys
 from broker.settings import Settings
 from broker.store import Store
 from broker.tasks import cancel
@@ -53,12 +54,16 @@ _OUTCOMES = {
 
 
 async def _broker_error(request: Request, exc: Exception) -> Response:
+    """One exception tree, two renderings: the /v1 API's, or RFC 6749's on the OAuth facade."""
     assert isinstance(exc, BrokerError)  # noqa: S101 - registered for BrokerError only
-    request.state.error = exc.code
+    on_facade: bool = getattr(request.state, "facade", False)
+    request.state.error = exc.facade[1] if on_facade else exc.code
     broker: Broker | None = getattr(request.state, "broker", None)
     if broker is not None:
         credential = getattr(request.state, "credential", None) or "-"
-        broker.tokens.stats.refused(credential, _OUTCOMES.get(exc.code, "refused"))
+        broker.tokens.stats.refused(credential, _OUTCOMES.get(exc.code, "refused"), facade=on_facade)
+    if on_facade:
+        return facade.error_response(exc)
     return JSONResponse(exc.body(), status_code=exc.status, headers={"Cache-Control": "no-store", **exc.headers()})
 
 
@@ -148,7 +153,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         syncer = asyncio.create_task(vault.run(), name="tb-vault")
         await subscriber.wait_live(2.0)
         try:
-            yield {"broker": Broker(settings, registry, vault, tokens, store, health, clock, audit)}
+            keys = SigningKeys(http, settings.upstream, deadline_seconds=settings.server.request_deadline_seconds)
+            yield {"broker": Broker(settings, registry, vault, tokens, store, health, clock, audit, keys)}
         finally:
             await cancel(syncer)
             registry.forget_listeners()
@@ -176,6 +182,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             Route("/v1/admin/callers", admin.list_callers, methods=["GET"]),
             Route("/v1/admin/callers/{name}", admin.caller, methods=["GET", "PUT", "DELETE"]),
             Route("/v1/admin/callers/{name}/key", admin.new_key, methods=["POST"]),
+            *facade.ROUTES,
         ],
         middleware=[
             Middleware(RequestLimits),

@@ -1,4 +1,5 @@
-"""The hit fast path: `GET /v1/tokens/{credential}` answered from this worker's L1 in pure ASGI.
+"""The hit fast path: `GET /v1/tokens/{credential}` and the OAuth facade's `POST
+/oauth2/{credential}/token` answered from this worker's L1 in pure ASGI.
 
 A request is answered here only if all of it is ordinary and it succeeds: a GET on that exact
 route, a valid caller key, a grant for the credential, a query of at most one `scope` and one
@@ -14,12 +15,18 @@ also starts refresh-ahead), the same counter and audit record, the same body and
 Request objects, routing, query parsing (parsed queries are cached), JSON encoding (each token's
 response is encoded once, around a hole for `expires_in`) and the logging middleware, which
 logs nothing for an L1 hit anyway.
+
+The facade's token endpoint is served the same way, through the facade's own functions
+(`facade.parse_token_request`, `authenticate`, `authorize`): the body is read here, within the
+route's size limit, and replayed to the Starlette app message by message when the request is not
+a hit, so the route reads exactly what the client sent.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,16 +35,21 @@ from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker import scopes
-from broker.api.routes import MAX_QUERY_BYTES
+from broker.api import facade
+from broker.api.routes import MAX_QUERY_BYTES, scope_set_for
 from broker.api.routes import parse_min_ttl as min_ttl_seconds  # the route's own check, not a copy
 from broker.api.state import Broker
 from broker.entries import CachedToken
 from broker.errors import BrokerError, InvalidRequest
+from broker.vault.models import CredentialSettings
 
 __all__ = ["FastPath", "token_response_parts"]
 
 _PREFIX = "/v1/tokens/"
 _PREFIX_LENGTH = len(_PREFIX)
+_FACADE_PREFIX = "/oauth2/"
+_FACADE_PREFIX_LENGTH = len(_FACADE_PREFIX)
+_FACADE_SUFFIX = "/token"
 _PARAMETERS = frozenset({"scope", "min_ttl"})
 _MAX_QUERIES = 1024  # distinct query strings remembered; a caller fleet uses a handful
 
@@ -101,13 +113,25 @@ class FastPath:
         self._queries: dict[bytes, _Query | None] = {}
         self._encoded: dict[str, _Encoded] = {}  # by token fingerprint; checked by identity
 
+        self._facade_encoded: dict[str, _Encoded] = {}
+        self._forms: dict[tuple[str | None, bytes], facade.Form] = {}  # bodies without a secret only
+        # (credential, scope parameter) → the route's scope set, for these very objects
+        self._scope_sets: dict[tuple[str, str | None], tuple[CredentialSettings, frozenset[str], str]] = {}
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].startswith(_PREFIX):
-            answer = self._hit(scope)
-            if answer is not None:
-                await send(answer[0])
-                await send(answer[1])
-                return
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if scope["method"] == "GET" and path.startswith(_PREFIX):
+                answer = self._hit(scope)
+                if answer is not None:
+                    await send(answer[0])
+                    await send(answer[1])
+                    return
+            elif scope["method"] == "POST" and path.startswith(_FACADE_PREFIX) and path.endswith(_FACADE_SUFFIX):
+                replay = await self._facade(scope, receive, send)
+                if replay is None:
+                    return
+                receive = replay
         await self.app(scope, receive, send)
 
     def _hit(self, scope: Scope) -> tuple[Message, Message] | None:
@@ -148,24 +172,97 @@ class FastPath:
         entry = broker.tokens.get_l1(credential, scope_set, query.min_ttl)
         if entry is None:
             return None
-        encoded = self._encode(entry)
         ttl = entry.expires - broker.clock.monotonic()
-        expires_in = b"%d" % max(0, int(ttl))
-        body = encoded.head + expires_in + encoded.tail
-        headers = encoded.headers.get(len(body))
-        if headers is None:
-            headers = encoded.headers[len(body)] = [
-                (b"cache-control", b"no-store"),
-                (b"pragma", b"no-cache"),
-                (b"content-length", b"%d" % len(body)),
-                (b"content-type", b"application/json"),
-            ]
         broker.tokens.stats.handout(name, "l1", ttl)
         broker.audit.record(caller.name, name, scope_set, entry.fingerprint, "l1")
-        return (
-            {"type": "http.response.start", "status": 200, "headers": headers},
-            {"type": "http.response.body", "body": body},
-        )
+        return _answer(self._encode(entry), ttl)
+
+    # -- the OAuth facade's token endpoint ---------------------------------------------------------
+
+    async def _facade(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+        """Answer a facade hit (→ None), or give back a `receive` that replays what was read."""
+        state: Mapping[str, Any] | None = scope.get("state")
+        broker: Broker | None = state.get("broker") if state is not None else None
+        name, _, rest = scope["path"][_FACADE_PREFIX_LENGTH:].partition("/")
+        if broker is None or not name or rest != "token" or scope.get("root_path"):
+            return receive
+        if broker.settings.server.public_url is None:
+            return receive  # the facade is off: the route says so
+        limit = broker.settings.server.max_body_bytes
+        messages: list[Message] = []
+        size = 0
+        while True:  # the route's limit: a longer body is never read whole here
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                break
+            if not message.get("more_body", False):
+                pieces = [m.get("body", b"") for m in messages] if len(messages) > 1 else None
+                body = b"".join(pieces) if pieces is not None else message.get("body", b"")
+                answer = self._facade_hit(scope, broker, name, body)
+                if answer is not None:
+                    await send(answer[0])
+                    await send(answer[1])
+                    return None
+                break
+        pending = deque(messages)
+
+        async def replay() -> Message:
+            return pending.popleft() if pending else await receive()
+
+        return replay
+
+    def _facade_hit(self, scope: Scope, broker: Broker, name: str, body: bytes) -> tuple[Message, Message] | None:
+        authorization: str | None = None
+        content_type: str | None = None
+        for header, value in scope["headers"]:
+            if header == b"authorization":
+                authorization = value.decode("latin-1")
+            elif header == b"content-type":
+                content_type = value.decode("latin-1")
+        try:
+            request = facade.token_request(authorization, self._form(content_type, body))
+            caller = facade.authenticate(broker, request)
+            credential, scope_set = facade.authorize(broker, caller, name, request, self._scope_set)
+        except BrokerError:
+            return None
+        entry = broker.tokens.get_l1(credential, scope_set, broker.settings.facade.min_ttl_seconds)
+        if entry is None:
+            return None
+        ttl = entry.expires - broker.clock.monotonic()
+        broker.tokens.stats.handout(name, "l1", ttl, facade=True)
+        broker.audit.record(caller.name, name, scope_set, entry.fingerprint, "l1", "oauth2")
+        return _answer(self._encode(entry, self._facade_encoded, facade.token_response_parts), ttl)
+
+    def _form(self, content_type: str | None, body: bytes) -> facade.Form:
+        """The route's reading of the body; remembered when it holds no client_secret (clients
+        that use Basic send the same body every time)."""
+        key = (content_type, body)
+        form = self._forms.get(key)
+        if form is None:
+            form = facade.read_form(content_type, body)
+            if "client_secret" not in form and len(body) <= MAX_QUERY_BYTES:
+                if len(self._forms) >= _MAX_QUERIES:
+                    self._forms.clear()
+                self._forms[key] = form
+        return form
+
+    def _scope_set(self, credential: CredentialSettings, granted: frozenset[str], raw: str | None) -> str:
+        """`routes.scope_set_for`, remembered for the same credential and grant objects (a changed
+        credential or grant is another object: a miss)."""
+        key = (credential.name, raw)
+        known = self._scope_sets.get(key)
+        if known is not None and known[0] is credential and known[1] is granted:
+            return known[2]
+        scope_set = scope_set_for(credential, granted, raw)  # raises as the route does
+        if raw is None or len(raw) <= MAX_QUERY_BYTES:
+            if len(self._scope_sets) >= _MAX_QUERIES:
+                self._scope_sets.clear()
+            self._scope_sets[key] = (credential, granted, scope_set)
+        return scope_set
 
     def _query(self, raw: bytes) -> _Query | None:
         if len(raw) > MAX_QUERY_BYTES:
@@ -179,14 +276,38 @@ class FastPath:
         query = self._queries[raw] = _parse_query(raw)
         return query
 
-    def _encode(self, entry: CachedToken) -> _Encoded:
-        encoded = self._encoded.get(entry.fingerprint)
+    def _encode(
+        self,
+        entry: CachedToken,
+        cache: dict[str, _Encoded] | None = None,
+        parts: Callable[[CachedToken], tuple[bytes, bytes]] = token_response_parts,
+    ) -> _Encoded:
+        """`entry`'s answer, encoded once (by default the /v1 route's, in its own cache)."""
+        cache = self._encoded if cache is None else cache
+        encoded = cache.get(entry.fingerprint)
         if encoded is not None and encoded.entry is entry:
             return encoded
-        head, tail = token_response_parts(entry)
+        head, tail = parts(entry)
         encoded = _Encoded(entry, head, tail, {})
-        self._encoded.pop(entry.fingerprint, None)
-        while len(self._encoded) >= self.max_encoded:
-            del self._encoded[next(iter(self._encoded))]  # the oldest: L1 has let go of it by now
-        self._encoded[entry.fingerprint] = encoded
+        cache.pop(entry.fingerprint, None)
+        while len(cache) >= self.max_encoded:
+            del cache[next(iter(cache))]  # the oldest: L1 has let go of it by now
+        cache[entry.fingerprint] = encoded
         return encoded
+
+
+def _answer(encoded: _Encoded, ttl: float) -> tuple[Message, Message]:
+    """The route's answer: 200, its headers in its order, the body with `expires_in` filled in."""
+    body = encoded.head + b"%d" % max(0, int(ttl)) + encoded.tail
+    headers = encoded.headers.get(len(body))
+    if headers is None:
+        headers = encoded.headers[len(body)] = [
+            (b"cache-control", b"no-store"),
+            (b"pragma", b"no-cache"),
+            (b"content-length", b"%d" % len(body)),
+            (b"content-type", b"application/json"),
+        ]
+    return (
+        {"type": "http.response.start", "status": 200, "headers": headers},
+        {"type": "http.response.body", "body": body},
+    )

@@ -15,10 +15,21 @@ from broker import metrics as metrics_mod
 from broker import scopes
 from broker.api.state import Broker
 from broker.callers import CallerRegistry
-from broker.errors import AccessDenied, InvalidRequest
+from broker.errors import AccessDenied, InvalidRequest, InvalidScope
 from broker.vault.models import CallerSettings, CredentialSettings
 
-__all__ = ["get_token", "healthz", "invalidate_token", "json_body", "metrics", "openapi", "parse_min_ttl", "readyz"]
+__all__ = [
+    "get_token",
+    "healthz",
+    "invalidate_token",
+    "json_body",
+    "metrics",
+    "openapi",
+    "parse_min_ttl",
+    "read_body",
+    "readyz",
+    "scope_set_for",
+]
 
 MAX_MIN_TTL = 366 * 24 * 3600
 MAX_QUERY_BYTES = 4096
@@ -42,14 +53,14 @@ def _granted(request: Request) -> tuple[CredentialSettings, frozenset[str]]:
     caller: CallerSettings = request.state.caller
     name: str = request.path_params["credential"]
     granted = CallerRegistry.granted_scopes(caller, name)
-    credential = _broker(request).registry.snapshot.credentials.get(name)
-    if credential is None:  # a grant for a credential deleted meanwhile: the same answer as none
-        raise AccessDenied()
     request.state.credential = name
+    credential = _broker(request).credential(name)
+    if credential is None:
+        raise AccessDenied()  # a grant left behind by a credential that is gone: the same answer as none
     return credential, granted
 
 
-def _scope_set(credential: CredentialSettings, granted: frozenset[str], raw_scope: str | None) -> str:
+def scope_set_for(credential: CredentialSettings, granted: frozenset[str], raw_scope: str | None) -> str:
     """Syntax of the scope parameter (400), then scopes within the grant (403) → canonical scope set.
 
     No scope named means the credential's default scopes; without those, the request is refused
@@ -59,7 +70,7 @@ def _scope_set(credential: CredentialSettings, granted: frozenset[str], raw_scop
     if not requested:
         requested = credential.default_scopes
         if not requested:
-            raise InvalidRequest(
+            raise InvalidScope(
                 f"Credential {credential.name} has no default scopes: name the scopes you need with scope=…."
             )
     CallerRegistry.check_scopes(granted, requested)
@@ -88,7 +99,7 @@ async def get_token(request: Request) -> Response:
         raise InvalidRequest(f"The query string is longer than {MAX_QUERY_BYTES} bytes.")
     raw_scope = _single(request, "scope")
     min_ttl = parse_min_ttl(_single(request, "min_ttl"))
-    scope_set = _scope_set(credential, granted, raw_scope)
+    scope_set = scope_set_for(credential, granted, raw_scope)
     entry, source = await broker.tokens.get(credential, scope_set, min_ttl)
     request.state.outcome = source
     ttl = entry.expires - broker.clock.monotonic()
@@ -115,7 +126,7 @@ async def invalidate_token(request: Request) -> Response:
     raw_scope = payload.get("scope")
     if "scope" in payload and not isinstance(raw_scope, str):
         raise InvalidRequest("scope must be a space-separated string.")
-    scope_set = _scope_set(credential, granted, raw_scope)
+    scope_set = scope_set_for(credential, granted, raw_scope)
     result = await broker.tokens.invalidate(credential, scope_set, token)
     request.state.outcome = _INVALIDATION_OUTCOMES[result]
     return Response(status_code=204, headers=_NO_STORE)
@@ -125,22 +136,28 @@ def _printable_ascii(text: str) -> bool:
     return text.isascii() and text.isprintable()
 
 
-async def json_body(request: Request, limit: int) -> dict[str, Any]:
+async def read_body(request: Request, limit: int, shape: str) -> bytes:
+    """The request body, at most `limit` bytes (declared or sent), else InvalidRequest naming `shape`."""
     declared = request.headers.get("content-length")
     if declared is not None and not (declared.isascii() and declared.isdigit() and int(declared[:12]) <= limit):
-        raise InvalidRequest(f"The request body must be a JSON object of at most {limit} bytes.")
+        raise InvalidRequest(f"The request body must be {shape} of at most {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise InvalidRequest(f"The request body must be a JSON object of at most {limit} bytes.")
+                raise InvalidRequest(f"The request body must be {shape} of at most {limit} bytes.")
             chunks.append(chunk)
     except ClientDisconnect:
         raise InvalidRequest("The request body was cut short.") from None
+    return b"".join(chunks)
+
+
+async def json_body(request: Request, limit: int) -> dict[str, Any]:
+    body = await read_body(request, limit, "a JSON object")
     try:
-        payload = json.loads(b"".join(chunks))
+        payload = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(payload, dict):

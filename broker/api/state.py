@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 from broker.audit import AuditTrail
 from broker.clock import Clock
+from broker.jwks import SigningKeys
 from broker.settings import Settings
 from broker.store import Store
 from broker.tokens import TokenService
+from broker.vault.models import CredentialSettings
 from broker.vault.registry import Registry
 from broker.vault.sync import VaultSync
 
@@ -30,3 +32,8 @@ class Broker:
     health: Health
     clock: Clock
     audit: AuditTrail
+    keys: SigningKeys  # the upstreams' JWK Sets, for the OAuth facade
+
+    def credential(self, name: str) -> CredentialSettings | None:
+        """The one place the API reads a credential by name: the live registry's snapshot."""
+        return self.registry.snapshot.credentials.get(name)

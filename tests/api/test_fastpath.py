@@ -1,4 +1,5 @@
-"""The hit fast path (broker/api/fastpath.py) answers exactly what the Starlette route answers.
+"""The hit fast path (broker/api/fastpath.py) answers exactly what the Starlette route answers,
+for `GET /v1/tokens/{credential}` and for the OAuth facade's `POST /oauth2/{credential}/token`.
 
 Two brokers share one Redis, one upstream and one fake clock: `fast` (as built by create_app)
 and `slow` (create_app(..., fast_path=False)). For each request, both answers must be the same
@@ -8,6 +9,7 @@ everything it does not serve must reach the Starlette app unchanged.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +23,9 @@ from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 from structlog.testing import capture_logs
 
+from broker import errors as errors_module
 from broker.api import create_app
+from broker.api.facade import token_response_parts as facade_token_response_parts
 from broker.api.fastpath import FastPath, token_response_parts
 from broker.api.state import Broker
 from broker.clock import FakeClock
@@ -347,3 +351,270 @@ def test_pre_encoded_parts_are_the_routes_json(access_token: str, scope: str) ->
         "scope": scope,
     }
     assert head + b"42" + tail == JSONResponse(body).body
+
+
+# -- the OAuth facade's token endpoint (broker/api/facade.py) ------------------------------------
+
+FACADE = "/oauth2/payments/token"
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def _basic(name: str, key: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{name}:{key}".encode()).decode()}
+
+
+def _billing() -> dict[str, str]:
+    return {**FORM, **_basic("billing", CALLER_KEYS["billing"])}
+
+
+def _percent_encoded(text: str) -> str:
+    return "".join(f"%{b:02X}" for b in text.encode())
+
+
+# (headers, body) of token requests the fast path answers itself
+FACADE_HITS: list[tuple[dict[str, str], bytes]] = [
+    (_billing(), b"grant_type=client_credentials"),
+    (_billing(), f"grant_type=client_credentials&scope={READ}".encode()),
+    (_billing(), f"scope={quote(f'{WRITE} {READ}')}&grant_type=client_credentials".encode()),
+    (_billing(), f"grant_type=client_credentials&scope={READ}+{WRITE}".encode()),
+    (_billing(), b"grant_type=client_credentials&scope="),
+    (_billing(), b"grant_type=client_credentials&client_id=billing"),
+    (_billing(), b"grant_type=client_credentials&audience=ignored"),
+    (
+        {**_billing(), "Content-Type": "application/x-www-form-urlencoded; charset=utf-8"},
+        b"grant_type=client_credentials",
+    ),
+    (
+        {
+            **FORM,
+            "Authorization": "basic "
+            + base64.b64encode(
+                f"{_percent_encoded('billing')}:{_percent_encoded(CALLER_KEYS['billing'])}".encode()
+            ).decode(),
+        },
+        b"grant_type=client_credentials",
+    ),
+    (FORM, f"grant_type=client_credentials&client_id=billing&client_secret={CALLER_KEYS['billing']}".encode()),
+]
+
+# (path, headers, body) that the fast path must leave to Starlette
+FACADE_FALL_THROUGH: list[tuple[str, dict[str, str], bytes]] = [
+    (FACADE, FORM, b"grant_type=client_credentials"),
+    (FACADE, {**FORM, **_basic("billing", "tbk_not-a-known-key-at-all")}, b"grant_type=client_credentials"),
+    (FACADE, {**FORM, **_basic("reporting", CALLER_KEYS["billing"])}, b"grant_type=client_credentials"),
+    (FACADE, {**FORM, **auth()}, b"grant_type=client_credentials"),
+    (FACADE, {**FORM, "Authorization": "Basic %%%"}, b"grant_type=client_credentials"),
+    (FACADE, {**FORM, **_basic("reporting", CALLER_KEYS["reporting"])}, b"grant_type=client_credentials"),
+    ("/oauth2/nope/token", _billing(), b"grant_type=client_credentials"),
+    (FACADE, _billing(), b""),
+    (FACADE, _billing(), b"grant_type=password"),
+    (FACADE, _billing(), b"grant_type=client_credentials&grant_type=client_credentials"),
+    (FACADE, _billing(), f"grant_type=client_credentials&scope={READ}&scope={READ}".encode()),
+    (FACADE, _billing(), f"grant_type=client_credentials&scope={ADMIN}".encode()),
+    (FACADE, _billing(), b"grant_type=client_credentials&scope=%22quoted%22"),
+    (FACADE, _billing(), b"grant_type=client_credentials&client_secret=x"),
+    (FACADE, _billing(), b"grant_type=client_credentials&x=\xff"),
+    (FACADE, _billing(), b"&".join([b"a=1"] * 40)),
+    (FACADE, _billing(), b"grant_type=client_credentials&x=" + b"y" * 20_000),
+    (FACADE, {**_billing(), "Content-Type": "application/json"}, b'{"grant_type": "client_credentials"}'),
+    ("/oauth2/payments/token/", _billing(), b"grant_type=client_credentials"),
+    ("/oauth2/pay%2Fments/token", _billing(), b"grant_type=client_credentials"),
+]
+
+
+@pytest.fixture
+def facade_brokers(write_config: Callable[..., Path], clock: FakeClock) -> Iterator[tuple[TestClient, TestClient]]:
+    settings = load_settings(write_config('[server]\npublic_url = "http://testserver"\n'))
+    with (
+        TestClient(create_app(settings, clock=clock), raise_server_exceptions=False) as fast,
+        TestClient(create_app(settings, clock=clock, fast_path=False), raise_server_exceptions=False) as slow,
+    ):
+        yield fast, slow
+
+
+@pytest.fixture
+def facade_served(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """One entry per facade token request that reached the fast path's checks: True if it answered."""
+    calls: list[bool] = []
+    original = FastPath._facade_hit
+
+    def spy(self: FastPath, *args: Any) -> Any:
+        answer = original(self, *args)
+        calls.append(answer is not None)
+        return answer
+
+    monkeypatch.setattr(FastPath, "_facade_hit", spy)
+    return calls
+
+
+def post(client: TestClient, url: str, headers: dict[str, str], body: bytes) -> tuple[int, list[Any], bytes]:
+    response = client.post(url, headers=headers, content=body)
+    return response.status_code, response.headers.multi_items(), response.content
+
+
+@pytest.mark.parametrize(("headers", "body"), FACADE_HITS)
+def test_facade_hits_are_served_by_the_fast_path_with_the_routes_answer(
+    facade_brokers: tuple[TestClient, TestClient],
+    clock: FakeClock,
+    facade_served: list[bool],
+    headers: dict[str, str],
+    body: bytes,
+) -> None:
+    fast, slow = facade_brokers
+    warm(fast, slow, clock)
+    facade_served.clear()
+    expected = post(slow, FACADE, headers, body)
+    got = post(fast, FACADE, headers, body)
+    assert facade_served == [True]
+    assert got == expected
+    status, response_headers, content = got
+    assert status == 200
+    assert [(k, v) for k, v in response_headers if k != "content-length"] == [
+        ("cache-control", "no-store"),
+        ("pragma", "no-cache"),
+        ("content-type", "application/json"),
+    ]
+    assert list(json.loads(content)) == ["access_token", "token_type", "expires_in", "scope"]
+
+
+@pytest.mark.parametrize(("url", "headers", "body"), FACADE_FALL_THROUGH)
+def test_everything_else_on_the_facade_reaches_starlette_unchanged(
+    facade_brokers: tuple[TestClient, TestClient],
+    clock: FakeClock,
+    facade_served: list[bool],
+    authserver: AuthServerProcess,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+) -> None:
+    fast, slow = facade_brokers
+    warm(fast, slow, clock)
+    facade_served.clear()
+    fetched = authserver.token_requests()
+    expected = post(slow, url, headers, body)
+    got = post(fast, url, headers, body)
+    assert not any(facade_served)
+    assert got == expected
+    assert got[0] >= 400
+    assert authserver.token_requests() == fetched
+
+
+def test_a_facade_miss_falls_through_with_its_body_and_the_next_request_is_a_fast_hit(
+    facade_brokers: tuple[TestClient, TestClient], facade_served: list[bool], authserver: AuthServerProcess
+) -> None:
+    fast, _ = facade_brokers
+    body = f"grant_type=client_credentials&scope={WRITE}".encode()
+    first = fast.post(FACADE, headers=_billing(), content=body)
+    second = fast.post(FACADE, headers=_billing(), content=body)
+    assert facade_served == [False, True]
+    assert first.status_code == second.status_code == 200
+    assert first.json()["access_token"] == second.json()["access_token"]
+    assert first.json()["scope"] == WRITE  # the route read the body the fast path had read
+    assert authserver.token_requests() == 1
+
+
+def test_a_body_sent_in_pieces_is_read_whole(facade_brokers: tuple[TestClient, TestClient], clock: FakeClock) -> None:
+    """The fast path gathers every http.request message; the route gets all of them on a miss."""
+    fast, slow = facade_brokers
+    warm(fast, slow, clock)
+
+    def pieces() -> Iterator[bytes]:
+        yield b"grant_type=client_"
+        yield b"credentials&scope="
+        yield READ.encode()
+
+    response = fast.post(FACADE, headers=_billing(), content=pieces())
+    assert response.status_code == 200
+    assert response.json()["scope"] == READ
+
+
+def test_the_facade_is_not_served_fast_while_it_is_off(
+    brokers: tuple[TestClient, TestClient], clock: FakeClock, facade_served: list[bool]
+) -> None:
+    fast, slow = brokers
+    warm(fast, slow, clock)
+    facade_served.clear()
+    body = b"grant_type=client_credentials"
+    got = post(fast, FACADE, _billing(), body)
+    assert got == post(slow, FACADE, _billing(), body)
+    assert got[0] == 404
+    assert facade_served == []  # not even read: the route answers
+
+
+def test_a_fast_facade_hit_is_counted_audited_and_not_logged(
+    facade_brokers: tuple[TestClient, TestClient], clock: FakeClock, facade_served: list[bool]
+) -> None:
+    fast, slow = facade_brokers
+    warm(fast, slow, clock)
+    broker = broker_of(fast)
+    broker.audit.flush()
+    prefix = 'token_broker_facade_requests_total{credential="payments",outcome="l1"} '
+    before = [line for line in fast.get("/metrics").text.splitlines() if line.startswith(prefix)]
+    counted = float(before[0].removeprefix(prefix)) if before else 0.0
+    facade_served.clear()
+    with capture_logs() as during:
+        for _ in range(2):
+            assert fast.post(FACADE, headers=_billing(), content=b"grant_type=client_credentials").status_code == 200
+    assert facade_served == [True, True]
+    assert during == []
+    assert f"{prefix}{counted + 2}" in fast.get("/metrics").text.splitlines()
+    with capture_logs() as audit:
+        broker.audit.flush()
+    assert [(e["caller"], e["source"], e["via"], e["count"]) for e in audit] == [("billing", "l1", "oauth2", 2)]
+
+
+@pytest.mark.parametrize(
+    ("access_token", "scope"),
+    [
+        ("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln", f"{READ} {WRITE}"),
+        ('opaque"with\\quotes/and\u2028separators', "urn:é:ünïcode"),
+    ],
+)
+def test_pre_encoded_facade_parts_are_the_routes_json(access_token: str, scope: str) -> None:
+    entry = CachedToken(access_token, scope, 1_900_000_000.75, 0.0, 0.0, 0.0, 0.0, "f" * 16)
+    head, tail = facade_token_response_parts(entry)
+    body = {"access_token": access_token, "token_type": "Bearer", "expires_in": 42, "scope": scope}
+    assert head + b"42" + tail == JSONResponse(body).body
+
+
+def _fast_path_of(client: TestClient) -> FastPath:
+    node: Any = client.app.middleware_stack  # type: ignore[attr-defined]
+    while not isinstance(node, FastPath):
+        node = node.app
+    return node
+
+
+def test_the_fast_path_remembers_no_form_that_carries_a_client_secret(
+    facade_brokers: tuple[TestClient, TestClient], clock: FakeClock, facade_served: list[bool]
+) -> None:
+    """Bodies are remembered to skip parsing them again, but never one with a secret in it."""
+    fast, slow = facade_brokers
+    warm(fast, slow, clock)
+    secret = CALLER_KEYS["billing"]
+    by_post = f"grant_type=client_credentials&client_id=billing&client_secret={secret}".encode()
+    assert fast.post(FACADE, headers=FORM, content=by_post).status_code == 200
+    assert fast.post(FACADE, headers=_billing(), content=b"grant_type=client_credentials").status_code == 200
+    assert facade_served == [True, True]
+    remembered = _fast_path_of(fast)._forms
+    assert (FORM["Content-Type"], b"grant_type=client_credentials") in remembered
+    assert not any(secret.encode() in body for _, body in remembered)
+
+
+def test_a_remembered_scope_set_is_only_used_for_the_same_credential_and_grant() -> None:
+    """The memo of the route's scope check is keyed by name but checked by identity: a credential
+    or grant replaced at run time (a new object) is checked again, never answered from the memo."""
+    from broker.secret import Secret
+    from broker.vault.models import CredentialSettings
+
+    fast = FastPath(app=None)  # type: ignore[arg-type]
+    old = CredentialSettings(
+        "c", "id", Secret("s", "literal"), token_url="https://a/t", scopes=(READ, WRITE), default_scopes=(READ,)
+    )
+    new = CredentialSettings(
+        "c", "id", Secret("s", "literal"), token_url="https://a/t", scopes=(READ, WRITE), default_scopes=(WRITE,)
+    )
+    granted = frozenset({READ, WRITE})
+    assert fast._scope_set(old, granted, None) == READ
+    assert fast._scope_set(new, granted, None) == WRITE
+    with pytest.raises(errors_module.InsufficientScope):
+        fast._scope_set(new, frozenset({READ}), None)

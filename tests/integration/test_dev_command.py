@@ -152,6 +152,19 @@ def test_dev_serves_the_printed_curl_line_and_cleans_up_on_stop(tmp_path: Path, 
         assert json.loads(base64.urlsafe_b64decode(payload + "==="))["scope"] == "urn:demo:claims.read"
         assert body["scope"] == "urn:demo:claims.read"
         assert body["expires_in"] > 0
+        # the OAuth facade is on, at the issuer the banner shows
+        issuer = f"http://127.0.0.1:{port}/oauth2/demo"
+        assert f"OAuth facade issuer    {issuer}   (client_id demo-caller" in banner
+        with httpx.Client(timeout=5.0, trust_env=False) as client:
+            discovered = client.get(f"{issuer}/.well-known/openid-configuration").json()
+            facade = client.post(
+                discovered["token_endpoint"],
+                auth=("demo-caller", curl["key"]),
+                data={"grant_type": "client_credentials"},
+            )
+        assert discovered["issuer"] == issuer
+        assert facade.status_code == 200, facade.text
+        assert facade.json()["access_token"] == body["access_token"]
         assert _accepts(redis_port)
 
         redis_pids = [pid for pid in descendants(proc.pid) if _is_redis_server(pid)]

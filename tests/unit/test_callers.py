@@ -114,3 +114,32 @@ def test_scopes_outside_the_grant_are_named() -> None:
     assert ADMIN in exc.description
     assert WRITE in exc.description
     assert READ not in exc.description
+
+
+def test_a_client_is_a_caller_named_by_client_id_with_its_key_as_secret() -> None:
+    """The OAuth facade's client authentication: name and key must both match."""
+    assert REGISTRY.authenticate_client("billing", BILLING_KEY) is BILLING
+    assert REGISTRY.authenticate_client("reporting", REPORTING_KEY) is REPORTING
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("billing", REPORTING_KEY),  # another caller's key
+        ("reporting", BILLING_KEY),
+        ("nobody", BILLING_KEY),  # an unknown name with a valid key
+        ("nobody", new_caller_key()),
+        ("billing", new_caller_key()),  # a wrong key
+        ("billing", ""),
+        ("billing", BILLING_KEY + " "),
+        ("Billing", BILLING_KEY),
+        ("billing\udc80", BILLING_KEY),  # not encodable: compared as replaced text, never raised
+        ("", BILLING_KEY),
+    ],
+)
+def test_a_client_with_a_wrong_name_or_key_gets_one_answer(name: str, key: str) -> None:
+    with pytest.raises(InvalidCallerToken) as caught:
+        REGISTRY.authenticate_client(name, key)
+    assert caught.value.description == (
+        "The client credentials are not valid (client_id: a caller name, client_secret: its caller key)."
+    )

@@ -454,3 +454,27 @@ def test_a_literal_in_client_secrets_is_warned_about_by_position() -> None:
     [warning] = settings.warnings
     assert warning.startswith("credentials.payments.client_secrets[1]: ")
     assert "literal-hunter2" not in warning
+
+
+def test_public_url_is_the_facades_issuer_base_without_a_trailing_slash() -> None:
+    """The facade's issuers are public_url + /oauth2/NAME, compared byte for byte by clients."""
+    assert parse_settings(config(), ENV).server.public_url is None
+    for given in ("https://tb.internal", "https://tb.internal/", "https://tb.internal//"):
+        assert parse_settings(config(server={"public_url": given}), ENV).server.public_url == "https://tb.internal"
+    prefixed = parse_settings(config(server={"public_url": "https://gw.internal/broker/"}), ENV)
+    assert prefixed.server.public_url == "https://gw.internal/broker"
+    env = {**ENV, "BROKER_SERVER_PUBLIC_URL": "http://127.0.0.1:9090"}
+    assert parse_settings(config(), env).server.public_url == "http://127.0.0.1:9090"
+    for bad in ("https://tb.internal/?x=1", "https://tb.internal/#top"):
+        only_problem(config(server={"public_url": bad}), "server.public_url")
+    only_problem(config(server={"public_url": "tb.internal"}), "server.public_url")
+
+
+def test_facade_min_ttl_seconds() -> None:
+    assert parse_settings(config(), ENV).facade.min_ttl_seconds == 120
+    assert parse_settings(config(facade={"min_ttl_seconds": 0}), ENV).facade.min_ttl_seconds == 0
+    env = {**ENV, "BROKER_FACADE_MIN_TTL_SECONDS": "45"}
+    assert parse_settings(config(), env).facade.min_ttl_seconds == 45
+    only_problem(config(facade={"min_ttl_seconds": -1}), "facade.min_ttl_seconds")
+    only_problem(config(facade={"min_ttl_seconds": "soon"}), "facade.min_ttl_seconds")
+    only_problem(config(facade={"min_ttl": 5}), "facade.min_ttl")
