@@ -118,6 +118,7 @@ _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "id_token_fault_count": (int, type(None)),
     "id_token_on_refresh": (bool,),
     "revocation_fault": (str,),
+    "revocation_fault_count": (int, type(None)),
     "advertise_revocation": (bool,),
 }
 _CONFIG_FAULTS: Final = {
@@ -141,6 +142,7 @@ class CodeConfig:
     id_token_fault_count: int | None = None
     id_token_on_refresh: bool = True
     revocation_fault: str = "none"
+    revocation_fault_count: int | None = None
     advertise_revocation: bool = True  # revocation_endpoint in the discovery document
 
     @classmethod
