@@ -39,7 +39,7 @@ from starlette.types import Receive, Scope, Send
 from tests.authserver_code import CODE_GRANT_TYPES, AccessSettings, CodeConfig, CodeFlow, SigningKeys
 from tests.authserver_http import CLOSE_KEY as _CLOSE_KEY
 from tests.authserver_http import CloseConnection as _CloseConnection
-from tests.authserver_http import OAuthError
+from tests.authserver_http import OAuthError, control_body
 from tests.authserver_http import json_response as _json
 from tests.authserver_http import parse_form as _parse_form
 
@@ -429,7 +429,10 @@ class AuthServer:
         raise AssertionError(f"unhandled fault {fault!r}")
 
     async def control_config(self, request: Request) -> Response:
-        changes = await request.json()
+        try:
+            changes = await control_body(request)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, 400)
         if not isinstance(changes, dict):
             return JSONResponse({"error": "config must be a JSON object"}, 400)
         # The code flow's keys go to its own config (tests/authserver_code.py CodeConfig).

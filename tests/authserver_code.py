@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from tests.authserver_http import CloseConnection, OAuthError, json_response, parse_form
+from tests.authserver_http import CloseConnection, OAuthError, control_body, json_response, parse_form
 
 CODE_GRANT_TYPES: Final = frozenset({"authorization_code", "refresh_token"})
 OIDC_SCOPES: Final = ("openid", "profile", "email", "offline_access")  # plus any "urn:…" scope
@@ -714,7 +714,7 @@ class CodeFlow:
     async def control_users(self, request: Request) -> Response:
         if request.method == "POST":
             try:
-                self.users = _users_from(await request.json())
+                self.users = _users_from(await control_body(request))
             except (ValueError, TypeError) as exc:
                 return JSONResponse({"error": str(exc)}, 400)
         return JSONResponse({name: dataclasses.asdict(user) for name, user in self.users.items()})
@@ -722,7 +722,7 @@ class CodeFlow:
     async def control_redirect_uris(self, request: Request) -> Response:
         if request.method == "POST":
             try:
-                self.redirect_uris |= self._redirect_uris_from(await request.json())
+                self.redirect_uris |= self._redirect_uris_from(await control_body(request))
             except (ValueError, TypeError) as exc:
                 return JSONResponse({"error": str(exc)}, 400)
         return JSONResponse(self.redirect_uris)
@@ -743,23 +743,32 @@ class CodeFlow:
 
     async def control_keys(self, request: Request) -> Response:
         if request.method == "POST":
-            body = await request.json()
-            if not isinstance(body, dict) or set(body) - {"action", "publish", "retire_others"}:
-                return JSONResponse({"error": 'expected {"action"?, "publish"?, "retire_others"?}'}, 400)
-            action = body.get("action", "rotate")
-            if action == "rotate":
-                self.keys.rotate(
-                    publish=body.get("publish", True) is True, retire_others=bool(body.get("retire_others"))
-                )
-            elif action == "publish":
-                self.keys.publish_current()
-            else:
-                return JSONResponse({"error": f"unknown action {action!r}; known: publish, rotate"}, 400)
+            try:
+                self._change_keys(await control_body(request))
+            except (ValueError, TypeError) as exc:
+                return JSONResponse({"error": str(exc)}, 400)
         return JSONResponse(self.keys.as_json())
+
+    def _change_keys(self, body: object) -> None:
+        usage = 'expected {"action"?: "rotate" | "publish", "publish"?: bool, "retire_others"?: bool}'
+        if not isinstance(body, dict) or set(body) - {"action", "publish", "retire_others"}:
+            raise ValueError(usage)
+        if not all(isinstance(body.get(flag, False), bool) for flag in ("publish", "retire_others")):
+            raise TypeError(usage)
+        match body.get("action", "rotate"):
+            case "rotate":
+                self.keys.rotate(publish=body.get("publish", True), retire_others=body.get("retire_others", False))
+            case "publish":
+                self.keys.publish_current()
+            case action:
+                raise ValueError(f"unknown action {action!r}; {usage}")
 
     async def control_revoke_grant(self, request: Request) -> Response:
         """Like a user withdrawing consent at the portal: the grants of a sub, or one grant."""
-        body = await request.json()
+        try:
+            body = await control_body(request)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, 400)
         if not isinstance(body, dict) or len(body) != 1 or not {"grant_id", "sub"} >= set(body):
             return JSONResponse({"error": 'expected {"grant_id": …} or {"sub": …}'}, 400)
         (field, value), *_ = body.items()
@@ -767,9 +776,6 @@ class CodeFlow:
         for grant in matching:
             self._revoke_grant(grant, "admin")
         return JSONResponse({"revoked": [grant.id for grant in matching]})
-
-
-_USER_FIELDS: Final = frozenset(field.name for field in dataclasses.fields(User))
 
 
 def _users_from(data: object) -> dict[str, User]:

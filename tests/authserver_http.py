@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
@@ -38,6 +39,14 @@ class CloseConnection(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[CLOSE_KEY] = True
+
+
+async def control_body(request: Request) -> Any:
+    """A /_control request's JSON body; ValueError (a 400 for the caller) if it is not JSON."""
+    try:
+        return await request.json()
+    except ValueError as exc:
+        raise ValueError(f"the body is not JSON: {exc}") from None
 
 
 def parse_form(content_type: str, body: bytes) -> tuple[dict[str, str], str | None]:

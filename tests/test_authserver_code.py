@@ -810,3 +810,20 @@ def test_code_flow_config_is_validated(server: AuthServerProcess) -> None:
         server.configure(rotation_grace_seconds=-1)
     config = server.configure(lifetime=60, rotation_grace_seconds=5)
     assert (config["lifetime"], config["rotation_grace_seconds"]) == (60, 5)
+
+
+@pytest.mark.parametrize("path", ["config", "users", "redirect_uris", "keys", "revoke_grant"])
+def test_control_endpoints_answer_bad_json_with_a_400(server: AuthServerProcess, http: httpx.Client, path: str) -> None:
+    """A body that is not JSON is a 400 with a sentence, never a 500 with a traceback."""
+    response = http.post(
+        f"{server.url}/_control/{path}", content=b"{nope", headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert "not JSON" in response.json()["error"]
+
+
+def test_key_control_flags_must_be_booleans(server: AuthServerProcess, http: httpx.Client) -> None:
+    before = http.get(f"{server.url}/_control/keys").json()
+    for body in ({"publish": "yes"}, {"retire_others": 1}, {"action": "spin"}, {"kid": "x"}, []):
+        assert http.post(f"{server.url}/_control/keys", json=body).status_code == 400, body
+    assert http.get(f"{server.url}/_control/keys").json() == before
