@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import html
 import json
+import math
 import re
 import secrets
 import time
@@ -611,7 +612,7 @@ class CodeFlow:
             "aud": access.audience,
             "scope": scope,
             "iat": int(now),
-            "exp": int(now) + access.jwt_lifetime,
+            "exp": math.ceil(now + access.jwt_lifetime),  # never earlier than expires_in says
             "jti": jti,
         }
         key = self.keys.current
