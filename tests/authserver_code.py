@@ -3,7 +3,8 @@ RFC 7636 PKCE, OIDC Core), rotating refresh tokens (RFC 9700 §4.14), RFC 7009 r
 UserInfo, signing-key rotation, and the fault switches a broker must survive.
 
 Mounted by tests/authserver.py (``AuthServer``), which authenticates clients at the token and
-revocation endpoints and hands the client id over. The checks follow panva/node-oidc-provider:
+revocation endpoints and hands the client id over; the authorization request's checks and pages
+are in tests/authserver_login.py. The checks follow panva/node-oidc-provider:
 
   GET /authorize     client_id, then redirect_uri (exact match with a registered one); until both
                      hold, errors are a 400 page, never a redirect (RFC 6749 §4.1.2.1); after, they
@@ -24,40 +25,39 @@ import base64
 import dataclasses
 import hashlib
 import hmac
-import html
 import json
 import math
-import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Final
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from tests.authserver_http import CloseConnection, OAuthError, control_body, json_response, parse_form
+from tests.authserver_login import (
+    DEFAULT_USERS,
+    OIDC_SCOPES,
+    PKCE_FORMAT,
+    AuthorizationRequest,
+    PageError,
+    RedirectError,
+    User,
+    authorization_response,
+    check_request,
+    error_page,
+    error_response,
+    login_page,
+    users_from,
+)
 
 CODE_GRANT_TYPES: Final = frozenset({"authorization_code", "refresh_token"})
-OIDC_SCOPES: Final = ("openid", "profile", "email", "offline_access")  # plus any "urn:…" scope
-AUTH_PARAMS: Final = (
-    "response_type",
-    "client_id",
-    "redirect_uri",
-    "scope",
-    "state",
-    "nonce",
-    "code_challenge",
-    "code_challenge_method",
-    "login_hint",
-    "response_mode",
-    "prompt",
-)
 ID_TOKEN_FAULTS: Final = frozenset(
     {
         "none",
@@ -72,6 +72,9 @@ ID_TOKEN_FAULTS: Final = frozenset(
         "hs256",  # HMAC-signed with the RSA public key (PEM) as secret: the alg confusion attack
         "unknown_kid",  # signed by a key that is not in the JWKS
         "bad_signature",
+        # Not faults but variants real servers send, which a client must accept:
+        "aud_array",  # aud a list: the client and another audience; azp the client
+        "no_azp",  # no azp claim (one audience)
     }
 )
 # close_after: the refresh is done (the old token rotated) but the connection drops, answerless.
@@ -79,33 +82,6 @@ ID_TOKEN_FAULTS: Final = frozenset(
 REFRESH_FAULTS: Final = frozenset({"none", "close_after", "invalid_grant", "503"})
 REVOCATION_FAULTS: Final = frozenset({"none", "503"})
 OTHER_CLIENT: Final = "some-other-client"
-_PKCE_FORMAT: Final = re.compile(r"[A-Za-z0-9._~-]{43,128}")
-
-
-@dataclasses.dataclass(frozen=True)
-class User:
-    password: str
-    sub: str
-    email: str | None = None
-    name: str | None = None
-
-    def claims(self, scopes: Iterable[str]) -> dict[str, Any]:
-        scopes = set(scopes)
-        claims: dict[str, Any] = {}
-        if "email" in scopes and self.email is not None:
-            claims |= {"email": self.email, "email_verified": True}
-        if "profile" in scopes and self.name is not None:
-            claims["name"] = self.name
-        return claims
-
-
-# bob's sub has a "|" like Auth0's ("auth0|…"): it must survive a URL path.
-DEFAULT_USERS: Final = {
-    "alice": User("alice-password", "user-alice", "alice@example.com", "Alice Example"),
-    "bob": User("bob-password", "auth0|bob-42", "bob@example.com", "Bob Example"),
-}
-
-
 _CONFIG_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "code_lifetime": (int,),
     "id_token_lifetime": (int,),
@@ -223,17 +199,6 @@ class SigningKeys:
         return {"signing_kid": self.current.kid, "published_kids": [key.kid for key in self.published]}
 
 
-@dataclasses.dataclass(frozen=True)
-class AuthorizationRequest:
-    params: dict[str, str]  # as given (non-empty values), for the form's hidden fields
-    client_id: str
-    redirect_uri: str
-    scope: str
-    state: str
-    nonce: str
-    code_challenge: str
-
-
 @dataclasses.dataclass
 class Code:
     request: AuthorizationRequest
@@ -278,40 +243,12 @@ class AccessToken:
     revoked: bool = False
 
 
-class PageError(Exception):
-    """Shown to the user as a 400 page: the redirect_uri is not (yet) known to be the client's."""
-
-    def __init__(self, error: str, description: str) -> None:
-        super().__init__(description)
-        self.error, self.description = error, description
-
-
-class RedirectError(Exception):
-    """Sent back to the client's validated redirect_uri."""
-
-    def __init__(self, error: str, description: str, redirect_uri: str, state: str | None) -> None:
-        super().__init__(description)
-        self.error, self.description, self.redirect_uri, self.state = error, description, redirect_uri, state
-
-
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def _s256(verifier: str) -> str:
     return _b64(hashlib.sha256(verifier.encode("ascii")).digest())
-
-
-def _origin(uri: str) -> str:
-    parts = urlsplit(uri)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def _with_query(uri: str, params: dict[str, str]) -> str:
-    """uri with params added to its query (an existing query is kept, RFC 6749 §3.1.2)."""
-    parts = urlsplit(uri)
-    extra = urlencode(params)
-    return urlunsplit(parts._replace(query=f"{parts.query}&{extra}" if parts.query else extra))
 
 
 class CodeFlow:
@@ -395,107 +332,47 @@ class CodeFlow:
 
     # --- the authorization endpoint -----------------------------------------------------------
 
-    def _validate(self, pairs: list[tuple[str, str]]) -> AuthorizationRequest:
-        names = [name for name, _ in pairs]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        # Empty parameters count as absent (RFC 6749 §3.1).
-        params = {name: value for name, value in pairs if name in AUTH_PARAMS and value}
-        if {"client_id", "redirect_uri"} & set(repeated):
-            raise PageError("invalid_request", "client_id and redirect_uri must not be repeated")
-        client_id = params.get("client_id")
-        if client_id is None:
-            raise PageError("invalid_request", "client_id is missing")
-        if not self.known_client(client_id):
-            raise PageError("invalid_client", f"unknown client {client_id!r}")
-        redirect_uri = params.get("redirect_uri")
-        if redirect_uri is None:
-            raise PageError("invalid_request", "redirect_uri is missing")
-        if redirect_uri not in self.redirect_uris.get(client_id, []):
-            raise PageError("invalid_request", f"redirect_uri {redirect_uri!r} is not registered for this client")
-        state = params.get("state")
-
-        def fail(error: str, description: str) -> RedirectError:
-            return RedirectError(error, description, redirect_uri, state)
-
-        if repeated:
-            raise fail("invalid_request", f"parameters must not be repeated: {' '.join(repeated)}")
-        for unsupported in ("request", "request_uri"):
-            if any(name == unsupported for name, _ in pairs):
-                raise fail(f"{unsupported}_not_supported", f"{unsupported} is not supported")
-        response_type = params.get("response_type")
-        if response_type is None:
-            raise fail("invalid_request", "response_type is missing")
-        if response_type != "code":
-            raise fail("unsupported_response_type", "only response_type=code is supported")
-        if params.get("response_mode", "query") != "query":
-            raise fail("invalid_request", "only response_mode=query is supported")
-        scopes = params.get("scope", "").split()
-        if "openid" not in scopes:
-            raise fail("invalid_scope", "scope must include openid")
-        if unknown := [s for s in scopes if s not in OIDC_SCOPES and not s.startswith("urn:")]:
-            raise fail("invalid_scope", f"unknown scope: {' '.join(unknown)}")
-        if state is None:
-            raise fail("invalid_request", "state is required")
-        nonce = params.get("nonce")
-        if nonce is None:
-            raise fail("invalid_request", "nonce is required")
-        method, challenge = params.get("code_challenge_method"), params.get("code_challenge")
-        if method is None or challenge is None:
-            raise fail("invalid_request", "PKCE is required: code_challenge and code_challenge_method=S256")
-        if method != "S256":
-            raise fail("invalid_request", "code_challenge_method must be S256")
-        if not _PKCE_FORMAT.fullmatch(challenge):
-            raise fail("invalid_request", "code_challenge must be 43-128 characters of A-Z a-z 0-9 . _ ~ -")
-        if "none" in params.get("prompt", "").split():
-            raise fail("login_required", "the user is not signed in")
-        return AuthorizationRequest(params, client_id, redirect_uri, " ".join(scopes), state, nonce, challenge)
-
-    def _redirect(self, uri: str, params: dict[str, str | None], status: int) -> Response:
-        answer = {k: v for k, v in params.items() if v is not None} | {"iss": self.issuer}
-        return RedirectResponse(_with_query(uri, answer), status, headers={"Cache-Control": "no-store"})
-
-    def _error_redirect(self, exc: RedirectError, status: int) -> Response:
-        params = {"error": exc.error, "error_description": exc.description, "state": exc.state}
-        return self._redirect(exc.redirect_uri, params, status)
+    def _check(self, pairs: list[tuple[str, str]]) -> AuthorizationRequest:
+        return check_request(pairs, self.known_client, self.redirect_uris)
 
     async def authorize(self, request: Request) -> Response:
         self.counts["authorize_requests"] += 1
         try:
-            auth = self._validate(request.query_params.multi_items())
+            auth = self._check(request.query_params.multi_items())
         except PageError as exc:
-            return _error_page(exc)
+            return error_page(exc)
         except RedirectError as exc:
-            return self._error_redirect(exc, 302)
-        return _login_page(auth)
+            return error_response(self.issuer, exc, 302)
+        return login_page(auth)
 
     async def login(self, request: Request) -> Response:
         form, problem = parse_form(request.headers.get("content-type", ""), await request.body())
         if problem:
-            return _error_page(PageError("invalid_request", problem))
+            return error_page(PageError("invalid_request", problem))
         try:
-            auth = self._validate(list(form.items()))
+            auth = self._check(list(form.items()))
         except PageError as exc:
-            return _error_page(exc)
+            return error_page(exc)
         except RedirectError as exc:
-            return self._error_redirect(exc, 303)
+            return error_response(self.issuer, exc, 303)
         decision = form.get("decision")
         if decision == "deny":
             self.counts["consent_denials"] += 1
             denied = RedirectError("access_denied", "the user denied the request", auth.redirect_uri, auth.state)
-            return self._error_redirect(denied, 303)
+            return error_response(self.issuer, denied, 303)
         if decision != "allow":
-            return _login_page(auth, "Choose Allow or Deny.", form.get("username", ""))
+            return login_page(auth, "Choose Allow or Deny.", form.get("username", ""))
         username, password = form.get("username", ""), form.get("password", "")
         user = self.users.get(username)
         if user is None or not hmac.compare_digest(user.password.encode(), password.encode()):
             self.counts["login_failures"] += 1
-            return _login_page(auth, "Wrong username or password.", username)
+            return login_page(auth, "Wrong username or password.", username)
         self.counts["logins"] += 1
         self.counts["codes_issued"] += 1
         code = secrets.token_urlsafe(32)
         now = time.time()
         self.codes[code] = Code(auth, user.sub, int(now), now + self.config.code_lifetime)
-        return self._redirect(auth.redirect_uri, {"code": code, "state": auth.state}, 303)
+        return authorization_response(self.issuer, auth.redirect_uri, {"code": code, "state": auth.state}, 303)
 
     # --- the token endpoint -------------------------------------------------------------------
 
@@ -515,7 +392,7 @@ class CodeFlow:
         if now >= code.expires_at:
             raise OAuthError(400, "invalid_grant", "authorization code expired")
         verifier = form.get("code_verifier")
-        if verifier is not None and not _PKCE_FORMAT.fullmatch(verifier):
+        if verifier is not None and not PKCE_FORMAT.fullmatch(verifier):
             raise OAuthError(400, "invalid_request", "code_verifier must be 43-128 characters of A-Z a-z 0-9 . _ ~ -")
         if verifier is None or not hmac.compare_digest(_s256(verifier), code.request.code_challenge):
             raise OAuthError(400, "invalid_grant", "PKCE verification failed")
@@ -641,6 +518,10 @@ class CodeFlow:
         }
         if fault == "no_nonce":
             del claims["nonce"]
+        elif fault == "aud_array":
+            claims["aud"] = [grant.client_id, "test-api"]
+        elif fault == "no_azp":
+            del claims["azp"]
         return self._sign_id_token(claims, fault)
 
     def _sign_id_token(self, claims: dict[str, Any], fault: str) -> str:
@@ -715,7 +596,7 @@ class CodeFlow:
     async def control_users(self, request: Request) -> Response:
         if request.method == "POST":
             try:
-                self.users = _users_from(await control_body(request))
+                self.users = users_from(await control_body(request))
             except (ValueError, TypeError) as exc:
                 return JSONResponse({"error": str(exc)}, 400)
         return JSONResponse({name: dataclasses.asdict(user) for name, user in self.users.items()})
@@ -779,70 +660,6 @@ class CodeFlow:
         return JSONResponse({"revoked": [grant.id for grant in matching]})
 
 
-def _users_from(data: object) -> dict[str, User]:
-    if not isinstance(data, dict):
-        raise TypeError('expected {"<username>": {"password": …, "sub": …, "email"?: …, "name"?: …}}')
-    users = {}
-    for username, fields in data.items():
-        if not isinstance(fields, dict) or not {"password", "sub"} <= set(fields) <= {
-            "password",
-            "sub",
-            "email",
-            "name",
-        }:
-            raise ValueError(f"user {username!r}: password and sub required; email and name optional")
-        if not all(isinstance(value, str) and value for value in fields.values()):
-            raise TypeError(f"user {username!r}: every field must be a non-empty string")
-        users[username] = User(**fields)
-    return users
-
-
 def _bearer_error(status: int, error: str, description: str) -> Response:
     challenge = f'Bearer error="{error}", error_description="{description}"'
     return json_response({"error": error, "error_description": description}, status, {"WWW-Authenticate": challenge})
-
-
-_PAGE_HEADERS: Final = {
-    "Cache-Control": "no-store",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-}
-
-
-def _html(title: str, body: str, status: int = 200, form_action: str = "'none'") -> HTMLResponse:
-    page = (
-        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>'
-        f"<body><main>\n{body}\n</main></body></html>\n"
-    )
-    # The login form posts to itself and is then redirected to the client: both must be allowed.
-    csp = f"default-src 'none'; form-action {form_action}; frame-ancestors 'none'; base-uri 'none'"
-    return HTMLResponse(page, status, headers={**_PAGE_HEADERS, "Content-Security-Policy": csp})
-
-
-def _error_page(exc: PageError) -> HTMLResponse:
-    body = (
-        "<h1>Sign-in error</h1>\n"
-        f'<p>error: <code id="error">{html.escape(exc.error)}</code></p>\n'
-        f'<p id="error_description">{html.escape(exc.description)}</p>'
-    )
-    return _html("Sign-in error", body, 400)
-
-
-def _login_page(auth: AuthorizationRequest, message: str | None = None, username: str | None = None) -> HTMLResponse:
-    hidden = "\n".join(
-        f'<input type="hidden" name="{name}" value="{html.escape(value)}">' for name, value in auth.params.items()
-    )
-    prefill = html.escape(username if username is not None else auth.params.get("login_hint", ""))
-    alert = f'<p role="alert" id="message">{html.escape(message)}</p>\n' if message else ""
-    body = (
-        "<h1>Sign in</h1>\n"
-        f"<p><b>{html.escape(auth.client_id)}</b> asks for: <code>{html.escape(auth.scope)}</code></p>\n"
-        f'{alert}<form method="post" action="/authorize">\n{hidden}\n'
-        f'<label>Username <input name="username" value="{prefill}" autocomplete="username"></label>\n'
-        '<label>Password <input name="password" type="password" autocomplete="current-password"></label>\n'
-        '<button type="submit" name="decision" value="allow">Allow</button>\n'
-        '<button type="submit" name="decision" value="deny">Deny</button>\n'
-        "</form>"
-    )
-    return _html("Sign in", body, form_action=f"'self' {_origin(auth.redirect_uri)}")

@@ -30,7 +30,7 @@ from tests.authserver import (
     WEIRD_CLIENT_ID,
     WEIRD_CLIENT_SECRET,
 )
-from tests.authserver_code import DEFAULT_USERS
+from tests.authserver_login import DEFAULT_USERS
 
 __all__ = [
     "CLIENTS",

@@ -639,6 +639,16 @@ def test_id_token_claim_faults(
     )
 
 
+def test_id_token_variants_a_client_must_accept(server: AuthServerProcess, http: httpx.Client) -> None:
+    server.configure(id_token_fault="aud_array", id_token_fault_count=1)
+    claims = verified(http, server, signed_in(http, server)["id_token"])
+    assert (claims["aud"], claims["azp"]) == ([CLIENT_ID, "test-api"], CLIENT_ID)
+    server.configure(id_token_fault="no_azp", id_token_fault_count=1)
+    claims = verified(http, server, signed_in(http, server)["id_token"])
+    assert claims["aud"] == CLIENT_ID
+    assert "azp" not in claims
+
+
 def test_id_token_time_faults(server: AuthServerProcess, http: httpx.Client) -> None:
     server.configure(id_token_fault="expired")
     expired = verified(http, server, signed_in(http, server)["id_token"])
