@@ -1,4 +1,6 @@
-"""Test OAuth 2.0 authorization server: client credentials grant plus fault switches.
+"""Test OAuth 2.0 authorization server: client credentials grant plus fault switches; the
+authorization code grant with OpenID Connect, refresh tokens and revocation are in
+tests/authserver_code.py.
 
 Run as ``python -m tests.authserver --port N [--host 127.0.0.1]``. Tests drive it over HTTP
 through ``/_control/*`` (see tests/support.py).
@@ -17,11 +19,10 @@ import time
 import uuid
 from collections import deque
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import unquote_plus
 
 import uvicorn
 from joserfc import jwt
-from joserfc.jwk import KeySet, RSAKey
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -34,6 +35,13 @@ from starlette.responses import (
 )
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+
+from tests.authserver_code import CODE_GRANT_TYPES, AccessSettings, CodeConfig, CodeFlow, SigningKeys
+from tests.authserver_http import CLOSE_KEY as _CLOSE_KEY
+from tests.authserver_http import CloseConnection as _CloseConnection
+from tests.authserver_http import OAuthError, control_body
+from tests.authserver_http import json_response as _json
+from tests.authserver_http import parse_form as _parse_form
 
 CLIENT_ID: Final = "test-client"
 CLIENT_SECRET: Final = "test-secret"
@@ -70,8 +78,6 @@ FAULTS: Final = frozenset(
 )
 DISCOVERY_FAULTS: Final = frozenset({"none", "nested", "bad_gzip"})
 NESTED_DEPTH: Final = 30_000  # far beyond any JSON parser's recursion limit, and still under 64 KiB
-_CLOSE_KEY: Final = "authserver.close_connection"
-_FORM_TYPE: Final = "application/x-www-form-urlencoded"
 
 
 class ExpiresIn(enum.Enum):
@@ -166,47 +172,9 @@ class State:
         return fault if count >= 1 else "none"
 
 
-class OAuthError(Exception):
-    def __init__(self, status: int, error: str, description: str) -> None:
-        super().__init__(description)
-        self.status, self.error, self.description = status, error, description
-
-    def response(self) -> Response:
-        headers = {"WWW-Authenticate": 'Basic realm="authserver"'} if self.status == 401 else {}
-        return _json({"error": self.error, "error_description": self.description}, self.status, headers)
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(body, status, headers={"Cache-Control": "no-store", "Pragma": "no-cache", **(headers or {})})
-
-
-class _CloseConnection(Response):
-    """Sends nothing; AuthServer.__call__ then makes uvicorn drop the connection."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[_CLOSE_KEY] = True
-
-
 def _not_gzip() -> Response:
     """A 200 that claims a gzip body but is not one: a client cannot decode it."""
     return Response(b"this is not gzip", 200, media_type="application/json", headers={"Content-Encoding": "gzip"})
-
-
-def _parse_form(content_type: str, body: bytes) -> tuple[dict[str, str], str | None]:
-    """Best-effort form fields plus what is wrong with the request body, if anything."""
-    try:
-        pairs = parse_qsl(body.decode("ascii"), keep_blank_values=True, errors="strict")
-    except ValueError:
-        return {}, "request body is not ASCII form-urlencoded data with UTF-8 escapes"
-    names = [name for name, _ in pairs]
-    if content_type.split(";", maxsplit=1)[0].strip().lower() != _FORM_TYPE:
-        return dict(pairs), f"Content-Type must be {_FORM_TYPE}"
-    if len(set(names)) != len(names):
-        return dict(pairs), "request parameters must not be repeated"
-    return dict(pairs), None
 
 
 def _basic_credentials(header: str) -> tuple[str, str]:
@@ -264,15 +232,16 @@ class TokenRequest:
 class AuthServer:
     def __init__(self, issuer: str) -> None:
         self.issuer = issuer.rstrip("/")
-        kid = f"test-{uuid.uuid4().hex[:8]}"
-        self.key = RSAKey.generate_key(2048, parameters={"kid": kid, "use": "sig", "alg": "RS256"})
-        self.jwks = KeySet([self.key]).as_dict(private=False)
+        self.keys = SigningKeys()
         self.state = State()
+        self.codes = CodeFlow(self.issuer, self.keys, self._known_client)
         self.app = Starlette(
             routes=[
                 Route("/.well-known/openid-configuration", self.discovery),
                 Route("/jwks", self.jwks_endpoint),
                 Route("/oauth/token", self.token, methods=["POST"]),
+                Route("/revoke", self.revoke, methods=["POST"]),
+                *self.codes.routes(),
                 Route("/elsewhere", self.elsewhere, methods=["GET", "POST"]),
                 Route("/_control/config", self.control_config, methods=["POST"]),
                 Route("/_control/clients", self.control_clients, methods=["POST"]),
@@ -281,6 +250,9 @@ class AuthServer:
                 Route("/_control/health", self.control_health),
             ]
         )
+
+    def _known_client(self, client_id: str) -> bool:
+        return client_id in self.state.clients
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> str | None:
         await self.app(scope, receive, send)
@@ -301,6 +273,7 @@ class AuthServer:
                 "client_secret_post",
             ],
         }
+        document |= self.codes.discovery()
         match self.state.config.discovery_fault:
             case "nested":
                 # A valid JSON document with one member nested NESTED_DEPTH arrays deep.
@@ -313,7 +286,7 @@ class AuthServer:
 
     async def jwks_endpoint(self, request: Request) -> Response:
         self.state.jwks_requests += 1
-        return _json(self.jwks)
+        return _json(self.keys.jwks())
 
     async def elsewhere(self, request: Request) -> Response:
         # Answers like a token endpoint so that a client wrongly following the redirect shows up.
@@ -344,11 +317,33 @@ class AuthServer:
             response = self._fault(fault)
         else:
             try:
-                response = self._issue(req.authenticated_client(state.clients), req.form, config)
+                client_id = req.authenticated_client(state.clients)
+                if req.form.get("grant_type") in CODE_GRANT_TYPES:
+                    response = await self.codes.token(client_id, req.form, self._access_settings(config))
+                else:
+                    response = self._issue(client_id, req.form, config)
             except OAuthError as exc:
                 response = exc.response()
         record["status"] = response.status_code
         return response
+
+    @staticmethod
+    def _access_settings(config: Config) -> AccessSettings:
+        expires_in: dict[str, Any] = {}
+        if config.expires_in is ExpiresIn.DEFAULT:
+            expires_in["expires_in"] = config.lifetime
+        elif config.expires_in is not ExpiresIn.OMIT:
+            expires_in["expires_in"] = config.expires_in
+        jwt_lifetime = config.lifetime if config.jwt_lifetime is None else config.jwt_lifetime
+        return AccessSettings(config.lifetime, jwt_lifetime, config.token_type, DEFAULT_AUDIENCE, expires_in)
+
+    async def revoke(self, request: Request) -> Response:
+        """RFC 7009 token revocation (tests/authserver_code.py); clients authenticate as at /oauth/token."""
+        req = TokenRequest.read(request.headers, await request.body())
+        try:
+            return self.codes.revoke(req.authenticated_client(self.state.clients), req.form)
+        except OAuthError as exc:
+            return exc.response()
 
     def _issue(self, client_id: str, form: dict[str, str], config: Config) -> Response:
         grant_type = form.get("grant_type")
@@ -382,9 +377,9 @@ class AuthServer:
             "exp": math.ceil(now + jwt_lifetime),
             "jti": uuid.uuid4().hex,
         }
-        header = {"alg": "RS256", "kid": self.key.kid, "typ": "at+jwt"}
+        header = {"alg": "RS256", "kid": self.keys.current.kid, "typ": "at+jwt"}
         body: dict[str, Any] = {
-            "access_token": jwt.encode(header, claims, self.key),
+            "access_token": jwt.encode(header, claims, self.keys.current),
             "token_type": config.token_type,
         }
         if config.expires_in is ExpiresIn.DEFAULT:
@@ -442,10 +437,23 @@ class AuthServer:
 
     async def control_config(self, request: Request) -> Response:
         try:
-            self.state.config = self.state.config.updated(await request.json())
+            changes = await control_body(request)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, 400)
+        if not isinstance(changes, dict):
+            return JSONResponse({"error": "config must be a JSON object"}, 400)
+        # The code flow's keys go to its own config (tests/authserver_code.py CodeConfig).
+        code_changes = {name: value for name, value in changes.items() if CodeConfig.owns(name)}
+        try:
+            config = self.state.config.updated({k: v for k, v in changes.items() if k not in code_changes})
+            code_config = self.codes.config.updated(code_changes)
         except (ValueError, TypeError) as exc:
             return JSONResponse({"error": str(exc)}, 400)
-        return JSONResponse(self.state.config.as_json())
+        self.state.config, self.codes.config = config, code_config
+        return JSONResponse(self._config_json())
+
+    def _config_json(self) -> dict[str, Any]:
+        return {**self.state.config.as_json(), **self.codes.config.as_json()}
 
     async def control_clients(self, request: Request) -> Response:
         """{"client_id": …, "secrets": […]}: the secrets that client may authenticate with from now
@@ -470,12 +478,14 @@ class AuthServer:
                 "jwks_requests": state.jwks_requests,
                 "elsewhere_requests": state.elsewhere_requests,
                 "requests": list(state.requests),
+                **self.codes.stats(),
             }
         )
 
     async def control_reset(self, request: Request) -> Response:
         self.state.reset()
-        return JSONResponse(self.state.config.as_json())
+        self.codes.reset()
+        return JSONResponse(self._config_json())
 
     async def control_health(self, request: Request) -> Response:
         return PlainTextResponse("ok")

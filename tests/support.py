@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import html.parser
 import os
 import signal
 import socket
@@ -29,16 +30,19 @@ from tests.authserver import (
     WEIRD_CLIENT_ID,
     WEIRD_CLIENT_SECRET,
 )
+from tests.authserver_login import DEFAULT_USERS
 
 __all__ = [
     "CLIENTS",
     "CLIENT_ID",
     "CLIENT_SECRET",
+    "DEFAULT_USERS",
     "REPO_ROOT",
     "WEIRD_CLIENT_ID",
     "WEIRD_CLIENT_SECRET",
     "AuthServerProcess",
     "BrokerProcess",
+    "LoginForm",
     "descendants",
     "free_port",
     "kill_tree",
@@ -217,7 +221,95 @@ class AuthServerProcess:
         return [(r["secret"], r["status"]) for r in self.stats()["requests"]]
 
     def reset(self) -> None:
+        """Back to the start: config, users, registered redirect URIs, keys, grants, counters."""
         self._http().post("/_control/reset").raise_for_status()
+
+    def _control(self, path: str, body: Any) -> Any:
+        response = self._http().post(f"/_control/{path}", json=body)
+        if response.status_code != 200:
+            raise ValueError(f"authserver rejected {path} {body!r}: {response.text}")
+        return response.json()
+
+    def register_redirect_uris(self, *uris: str, client_id: str = CLIENT_ID) -> None:
+        """The redirect URIs registered for client_id (replacing its earlier ones); none after reset()."""
+        self._control("redirect_uris", {client_id: list(uris)})
+
+    def set_users(self, users: dict[str, dict[str, str]]) -> None:
+        """Replace the users: {username: {password, sub, email?, name?}} (DEFAULT_USERS after reset())."""
+        self._control("users", users)
+
+    def rotate_signing_key(self, *, publish: bool = True, retire_others: bool = False) -> dict[str, Any]:
+        """Sign from now on with a new key; publish it in the JWKS or not (yet); drop the others from the
+        JWKS or not. Returns {signing_kid, published_kids}."""
+        result: dict[str, Any] = self._control("keys", {"publish": publish, "retire_others": retire_others})
+        return result
+
+    def publish_signing_key(self) -> dict[str, Any]:
+        """Add the current (unpublished) signing key to the JWKS."""
+        result: dict[str, Any] = self._control("keys", {"action": "publish"})
+        return result
+
+    def revoke_grants(self, *, sub: str | None = None, grant_id: str | None = None) -> list[str]:
+        """Revoke grants as a user withdrawing consent at the portal would (revoked_reason "admin")."""
+        body = {"sub": sub} if sub is not None else {"grant_id": grant_id}
+        revoked: list[str] = self._control("revoke_grant", body)["revoked"]
+        return revoked
+
+    def grants(self) -> dict[str, dict[str, Any]]:
+        grants: dict[str, dict[str, Any]] = self.stats()["grants"]
+        return grants
+
+    def login(
+        self,
+        authorize_url: str,
+        username: str = "alice",
+        password: str | None = None,
+        *,
+        decision: str = "allow",
+    ) -> httpx.URL:
+        """Be the user's browser: open authorize_url, fill in the login form and press Allow or Deny.
+        Returns where the authorization server sends the browser (the client's redirect_uri with
+        code or error, state, iss), without following it. The password defaults to the user's own.
+        Fails with the page when there is no redirect (an error page, a wrong password)."""
+        if password is None:
+            password = DEFAULT_USERS[username].password
+        with httpx.Client(timeout=10.0, trust_env=False) as browser:
+            page = browser.get(authorize_url)
+            if page.is_redirect:
+                return httpx.URL(page.headers["location"])
+            if page.status_code != 200:
+                raise AssertionError(f"authorize answered {page.status_code}: {page.text}")
+            form = LoginForm.parse(page.text)
+            fields = {**form.hidden, "username": username, "password": password, "decision": decision}
+            answer = browser.post(page.url.join(form.action), data=fields)
+            if not answer.is_redirect:
+                raise AssertionError(f"login answered {answer.status_code} without a redirect: {answer.text}")
+            return httpx.URL(answer.headers["location"])
+
+
+class LoginForm(html.parser.HTMLParser):
+    """The login form of an authorization server's page: its action and hidden fields."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action = ""
+        self.hidden: dict[str, str] = {}
+
+    @classmethod
+    def parse(cls, page: str) -> LoginForm:
+        form = cls()
+        form.feed(page)
+        form.close()
+        if not form.action:
+            raise AssertionError(f"no form in the page: {page}")
+        return form
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {name: value or "" for name, value in attrs}
+        if tag == "form":
+            self.action = values.get("action", "")
+        elif tag == "input" and values.get("type") == "hidden":
+            self.hidden[values["name"]] = values.get("value", "")
 
 
 class BrokerProcess:
