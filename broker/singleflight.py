@@ -105,10 +105,10 @@ class DistributedFlight:
         self,
         keys: TokenKeys,
         accept: Callable[[CachedToken], bool],
-        fetch: Callable[[int], Awaitable[CachedToken]],
+        fetch: Callable[[Lock], Awaitable[CachedToken]],
         deadline: float,
     ) -> tuple[CachedToken, bool]:
-        """A token that `accept` likes: someone's, or one `fetch(fence)` gets. (token, fetched_here)."""
+        """A token that `accept` likes: someone's, or one `fetch(lock)` gets. (token, fetched_here)."""
         owner = secrets.token_hex(16)
         while True:
             lock = await self.store.acquire_lock(keys, owner, self.lock_ttl)
@@ -118,7 +118,7 @@ class DistributedFlight:
                     current = await self.store.get(keys)  # double-check under the lock
                     if current is not None and accept(current):
                         return current, False
-                    return await fetch(lock.fence), True
+                    return await fetch(lock), True
                 finally:
                     await cancel(renewer)
                     with contextlib.suppress(StoreUnavailable, StoreBusy):

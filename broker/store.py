@@ -13,7 +13,7 @@ Keys, all hash-tagged by credential so one credential's keys share a cluster slo
     {prefix}:{<credential>}:inv:<id>     set for a while after an invalidation (throttles the next)
     {prefix}:{<credential>}:secret:<sid> the fingerprint of the client secret that works (spec §6.5)
     {prefix}:events                      the pub/sub channel of writes, drops and vault changes
-    {prefix}:{vault}:document|version    the admin API's credentials and callers, sealed (no TTL)
+    {prefix}:{:vault}:document|version    the admin API's credentials and callers, sealed (no TTL)
 
 `<id>` = sha256(credential shape, scope set)[:32]: the shape is a fingerprint of everything in the
 credential that shapes a token (client id, endpoint, auth method, audience, resource, extra
@@ -81,9 +81,11 @@ class Keys:
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = prefix
         self.events = f"{prefix}:events"
-        # The vault document and its version: the broker's own data, not a cache, so no TTL.
-        self.vault_document = f"{prefix}:{{vault}}:document"
-        self.vault_version = f"{prefix}:{{vault}}:version"
+        # The vault document and its version: the broker's own data, not a cache, so no TTL. Their
+        # hash tags start with ':', which no credential name can (a credential named "vault" must
+        # never share, or purge, them).
+        self.vault_document = f"{prefix}:{{:vault}}:document"
+        self.vault_version = f"{prefix}:{{:vault}}:version"
 
     def credential_pattern(self, credential: str) -> str:
         """Every key of one credential (SCAN MATCH): a deleted credential leaves nothing behind."""
@@ -118,7 +120,7 @@ class Keys:
 
     def login(self, state: str) -> str:
         """A login in progress, by its `state` (spec §5.2): single use, short-lived."""
-        return f"{self.prefix}:{{login}}:{hashlib.sha256(state.encode()).hexdigest()[:32]}"
+        return f"{self.prefix}:{{:login}}:{hashlib.sha256(state.encode()).hexdigest()[:32]}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,11 @@
-"""The token service: L1 → L2 → single-flight fetch, refresh-ahead, invalidation (spec §4).
+"""The token service: L1 → L2 → single-flight fetch, refresh-ahead, invalidation (spec §4, §5.4).
 
 get ─▶ L1 (this worker, only while subscribed to events) ─▶ L2 (Redis, bounded by its PTTL)
       ─▶ LocalFlight ─▶ DistributedFlight (lock + fence, double-check) ─▶ refusal remembered?
-      ─▶ upstream ─▶ L2 write (fenced) ─▶ event
+      ─▶ the grant (client credentials, or a subject's refresh token) ─▶ L2 write (fenced) ─▶ event
+
+One path for every token: what differs between a credential's token and a subject's (a user who
+logged in, spec §5) is the key (the subject is in it) and the grant that fetches it (broker/grants.py).
 
 One deadline per request, taken when it arrives, bounds every step; a token that is still valid
 beats any error, the deadline's included. Freshness is judged on this process's monotonic clock.
@@ -14,7 +17,7 @@ import asyncio
 import hmac
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Literal, TypeVar
 
 import structlog
@@ -31,12 +34,14 @@ from broker.errors import (
     UpstreamUnavailable,
 )
 from broker.events import Event
+from broker.freshness import cache_window, cacheable, effective_skew, is_fresh, satisfies, within
+from broker.grants import AdoptStored, ClientCredentials, Grant, SubjectRefresh
 from broker.l1 import L1Cache
 from broker.metrics import Stats
 from broker.refusals import RecentRefusals
 from broker.settings import CacheSettings
 from broker.singleflight import DistributedFlight, LocalFlight
-from broker.store import Store, TokenKeys
+from broker.store import Lock, Store, TokenKeys
 from broker.upstream import FetchedToken, UpstreamClient
 from broker.vault.models import CredentialSettings
 
@@ -48,55 +53,8 @@ Source = Literal["l1", "l2", "fetched", "coalesced"]
 Invalidation = Literal["dropped", "not_current", "throttled"]
 T = TypeVar("T")
 
-MIN_CACHEABLE_LIFETIME = 2.0
-RECENT_FETCH = 1.0  # a token this young satisfies any min_ttl (spec §3.1)
-MIN_TTL_SHARE = 0.5  # min_ttl asks for at most this share of a token's lifetime: ≤ 2 fetches per lifetime
 _REFRESH_RETRY_FIRST = 1.0
 _REFRESH_RETRY_MAX = 30.0
-
-
-def effective_skew(lifetime: float, skew: float) -> float:
-    """min(skew, lifetime/4): short-lived tokens are still cached for 3/4 of their life."""
-    return min(skew, lifetime / 4)
-
-
-def cache_window(lifetime: float, skew: float) -> float:
-    """How long a token may be handed out after it was issued (the Redis TTL at write time)."""
-    return lifetime - effective_skew(lifetime, skew)
-
-
-def is_fresh(entry: CachedToken, now: float) -> bool:
-    return now < entry.fresh_until
-
-
-def satisfies(entry: CachedToken, now: float, min_ttl: float) -> bool:
-    """Fresh, with `min_ttl` left (at most half its lifetime's worth), or fetched a moment ago.
-
-    The cap keeps any caller from making the broker fetch more than twice per token lifetime:
-    a `min_ttl` near or beyond the lifetime would otherwise refetch every second (README).
-    """
-    if not is_fresh(entry, now):
-        return False
-    wanted = min(min_ttl, entry.lifetime * MIN_TTL_SHARE)
-    return entry.expires - now >= wanted or now - entry.fetched_at < RECENT_FETCH
-
-
-def _cacheable(entry: CachedToken, now: float) -> bool:
-    """Too short-lived tokens go to the caller that fetched them, and nobody else (spec §4.2)."""
-    return entry.lifetime >= MIN_CACHEABLE_LIFETIME and entry.fresh_until > now
-
-
-def _loop_time(deadline: float) -> float:
-    """asyncio.timeout_at takes loop time; convert from time.monotonic()."""
-    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
-
-
-async def _within(deadline: float, awaitable: Awaitable[T]) -> T:
-    try:
-        async with asyncio.timeout_at(_loop_time(deadline)):
-            return await awaitable
-    except TimeoutError:
-        raise UpstreamUnavailable("No token could be obtained within the request deadline.", retry_after=1.0) from None
 
 
 class TokenService:
@@ -122,23 +80,28 @@ class TokenService:
         self.distributed = DistributedFlight(store, cache.lock_ttl_seconds)
         self.stats = Stats()
         self.refusals = RecentRefusals(store, cache.negative_ttl_seconds, cache.l1_max_entries)
-        self._keys: dict[tuple[str, str, str], TokenKeys] = {}
+        self.client_credentials: Grant = ClientCredentials(upstream)
+        self.subject_refresh: Grant = SubjectRefresh(upstream, store, self.clock)
+        self._keys: dict[tuple[str, str, str, str | None], TokenKeys] = {}
         self._refreshing: set[str] = set()  # keys whose running flight is a background refresh
         self._backoff: dict[str, tuple[float, float]] = {}  # key → (no refresh before, last delay)
 
-    def keys_for(self, credential: CredentialSettings, scope_set: str) -> TokenKeys:
-        memo = (credential.name, credential.shape, scope_set)
+    def keys_for(self, credential: CredentialSettings, scope_set: str, subject: str | None = None) -> TokenKeys:
+        memo = (credential.name, credential.shape, scope_set, subject)
         keys = self._keys.get(memo)
         if keys is None:
             if len(self._keys) >= self.cache.l1_max_entries:
                 self._keys.clear()
-            keys = self._keys[memo] = self.store.keys.for_token(credential.name, credential.shape, scope_set)
+            keys = self._keys[memo] = self.store.keys.for_token(credential.name, credential.shape, scope_set, subject)
         return keys
+
+    def _grant(self, subject: str | None) -> Grant:
+        return self.client_credentials if subject is None else self.subject_refresh
 
     def forget(self, credentials: set[str]) -> None:
         """These credentials changed (or went): drop what this worker remembers of them. Their
         tokens in Redis are unreachable anyway when the change shaped them (keys carry the shape)."""
-        tags = tuple(f":{{{name}}}:" for name in credentials)
+        tags = tuple(tag for name in credentials for tag in (f":{{{name}}}:", f":{{{name}/"))
         self.l1.drop_where(lambda key: any(tag in key for tag in tags))
         self.refusals.forget(lambda key: any(tag in key for tag in tags))
         self._keys = {memo: keys for memo, keys in self._keys.items() if memo[0] not in credentials}
@@ -171,11 +134,13 @@ class TokenService:
 
     # -- the hot path ---------------------------------------------------------------------------
 
-    def get_l1(self, credential: CredentialSettings, scope_set: str, min_ttl: float) -> CachedToken | None:
+    def get_l1(
+        self, credential: CredentialSettings, scope_set: str, min_ttl: float, subject: str | None = None
+    ) -> CachedToken | None:
         """A hit from this worker's memory with no I/O at all, or None."""
         if not self._l1_usable():
             return None
-        keys = self.keys_for(credential, scope_set)
+        keys = self.keys_for(credential, scope_set, subject)
         entry = self.l1.get(keys.token)
         if entry is None:
             return None
@@ -183,24 +148,31 @@ class TokenService:
         if not satisfies(entry, now, min_ttl):
             return None
         if now >= entry.refresh_at:
-            self._refresh_ahead(credential, scope_set, keys, entry)
+            self._refresh_ahead(credential, scope_set, keys, entry, subject)
         return entry
 
     async def get(
-        self, credential: CredentialSettings, scope_set: str, min_ttl: float = 0.0
+        self, credential: CredentialSettings, scope_set: str, min_ttl: float = 0.0, subject: str | None = None
     ) -> tuple[CachedToken, Source]:
-        """A token with time left for (credential, scope set), within the request deadline.
+        """A token with time left for (credential, scope set[, subject]), within the request deadline.
 
         Raises UpstreamError subclasses (or StoreBusy) when no valid token can be had.
         """
-        entry = self.get_l1(credential, scope_set, min_ttl)
+        entry = self.get_l1(credential, scope_set, min_ttl, subject)
         if entry is not None:
             return entry, "l1"
         deadline = time.monotonic() + self.request_deadline
-        return await self._get_slow(credential, scope_set, self.keys_for(credential, scope_set), min_ttl, deadline)
+        keys = self.keys_for(credential, scope_set, subject)
+        return await self._get_slow(credential, scope_set, keys, min_ttl, deadline, subject)
 
     async def _get_slow(
-        self, credential: CredentialSettings, scope_set: str, keys: TokenKeys, min_ttl: float, deadline: float
+        self,
+        credential: CredentialSettings,
+        scope_set: str,
+        keys: TokenKeys,
+        min_ttl: float,
+        deadline: float,
+        subject: str | None,
     ) -> tuple[CachedToken, Source]:
         key = keys.token
         # A miss joins a fetch already under way in this process before touching Redis
@@ -209,7 +181,7 @@ class TokenService:
         if key not in self._refreshing and self.flights.running(key):
             self.stats.waiters += 1
             try:
-                joined = await _within(deadline, self.flights.join(key))
+                joined = await within(deadline, self.flights.join(key))
             except (UpstreamError, StoreBusy) as exc:
                 joined_error = exc  # a still-valid token may yet beat this error (below)
             else:
@@ -219,7 +191,7 @@ class TokenService:
                 self.stats.waiters -= 1
         since = self.l1.mark()
         try:
-            entry = await _within(deadline, self.store.get(keys))
+            entry = await within(deadline, self.store.get(keys))
             if not self.l1_enabled:
                 # Redis answers but the events subscription is down: copies kept from before may
                 # have missed events, and must not become servable if Redis goes away next.
@@ -237,7 +209,7 @@ class TokenService:
             if self._l1_usable():
                 self.l1.put(key, entry, since)
             if now >= entry.refresh_at:
-                self._refresh_ahead(credential, scope_set, keys, entry)
+                self._refresh_ahead(credential, scope_set, keys, entry, subject)
             return entry, "l2"
         if joined_error is not None:
             if fallback is not None:
@@ -249,8 +221,9 @@ class TokenService:
 
         self.stats.waiters += 1
         try:
-            (entry, source), led = await _within(
-                deadline, self.flights.run(key, lambda: self._fetch(credential, scope_set, keys, accept, deadline))
+            (entry, source), led = await within(
+                deadline,
+                self.flights.run(key, lambda: self._fetch(credential, scope_set, keys, accept, deadline, subject)),
             )
             if not is_fresh(entry, self.clock.monotonic()):
                 raise UpstreamInvalidResponse("The token had too little life left by the time it arrived.")
@@ -272,34 +245,71 @@ class TokenService:
         keys: TokenKeys,
         accept: Callable[[CachedToken], bool],
         deadline: float,
+        subject: str | None = None,
     ) -> tuple[CachedToken, Source]:
         since = self.l1.mark()
+        grant = self._grant(subject)
 
-        async def fetch_and_share(fence: int) -> CachedToken:
-            return await self._share(keys, await self._fetch_upstream(credential, scope_set, keys, deadline, fence))
+        async def fetch_and_share(lock: Lock) -> CachedToken:
+            try:
+                entry = await self._fetch_upstream(credential, scope_set, keys, deadline, grant, lock)
+            except AdoptStored:
+                # Another process rotated this subject's grant first: its token is the one.
+                stored = await self.store.get(keys)
+                if stored is None or not is_fresh(stored, self.clock.monotonic()):
+                    raise UpstreamUnavailable(
+                        "This user's token is being refreshed elsewhere.", retry_after=1
+                    ) from None
+                return stored
+            return await self._share(keys, entry)
 
         try:
             entry, fetched_here = await self.distributed.run(keys, accept, fetch_and_share, deadline)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            if grant.fail_closed:
+                # A refresh token is spent only under the fleet's lock (spec §5.4): fail closed.
+                raise UpstreamUnavailable(
+                    "Redis is unreachable: a user's token is refreshed only under the fleet's lock.", retry_after=1
+                ) from exc
             # Redis is down: availability wins, fetch with in-process single-flight only.
-            entry, fetched_here = await self._fetch_upstream(credential, scope_set, keys, deadline, 0), True
-        if _cacheable(entry, self.clock.monotonic()) and self._l1_usable():
+            entry, fetched_here = await self._fetch_upstream(credential, scope_set, keys, deadline, grant, None), True
+        if cacheable(entry, self.clock.monotonic()) and self._l1_usable():
             self.l1.put(keys.token, entry, since)
         return entry, ("fetched" if fetched_here else "l2")
 
     async def _fetch_upstream(
-        self, credential: CredentialSettings, scope_set: str, keys: TokenKeys, deadline: float, fence: int
+        self,
+        credential: CredentialSettings,
+        scope_set: str,
+        keys: TokenKeys,
+        deadline: float,
+        grant: Grant,
+        lock: Lock | None,
     ) -> CachedToken:
         """One upstream request, unless the authorization server refused this one a moment ago:
         the one place a remembered refusal answers, under the fetch lock, so that a process that
         waited for the lock sees the refusal its holder just got."""
         await self.refusals.check(keys)
         try:
-            fetched = await self.upstream.fetch(credential, scope_set, deadline)
+            fetched = await grant.fetch(credential, scope_set, keys, deadline, lock)
         except UpstreamRejected as exc:
             await self.refusals.remember(keys, exc)
             raise
-        return self._entry_from(fetched, fence)
+        return self._entry_from(fetched, lock.fence if lock else 0)
+
+    async def prime(
+        self, credential: CredentialSettings, scope_set: str, subject: str, fetched: FetchedToken
+    ) -> CachedToken:
+        """Cache a token a login just brought (spec §5.3), under the key's fetch lock (its fence)."""
+        keys = self.keys_for(credential, scope_set, subject)
+        lock = await self.store.acquire_lock(keys, "login", self.cache.lock_ttl_seconds)
+        entry = self._entry_from(fetched, lock.fence if lock else 0)
+        if lock is None:
+            return entry  # someone is refreshing it right now: theirs will be the cached one
+        try:
+            return await self._share(keys, entry)
+        finally:
+            await self.store.release_lock(lock)
 
     def _entry_from(self, fetched: FetchedToken, fence: int) -> CachedToken:
         now, wall = self.clock.monotonic(), self.clock.now()
@@ -324,7 +334,7 @@ class TokenService:
         If Redis holds one written under a later lock (ours expired while we fetched and someone
         else was faster), that one wins here too. If Redis fails now, ours is still good.
         """
-        if not _cacheable(entry, self.clock.monotonic()):
+        if not cacheable(entry, self.clock.monotonic()):
             return entry
         try:
             if await self.store.put(keys, entry):
@@ -337,7 +347,12 @@ class TokenService:
     # -- refresh-ahead ----------------------------------------------------------------------------
 
     def _refresh_ahead(
-        self, credential: CredentialSettings, scope_set: str, keys: TokenKeys, current: CachedToken
+        self,
+        credential: CredentialSettings,
+        scope_set: str,
+        keys: TokenKeys,
+        current: CachedToken,
+        subject: str | None = None,
     ) -> None:
         key = keys.token
         if self.flights.running(key):
@@ -352,7 +367,7 @@ class TokenService:
             return candidate.fence > current.fence and is_fresh(candidate, self.clock.monotonic())
 
         deadline = now + self.request_deadline
-        task = self.flights.start(key, lambda: self._fetch(credential, scope_set, keys, accept, deadline))
+        task = self.flights.start(key, lambda: self._fetch(credential, scope_set, keys, accept, deadline, subject))
         if task is not None:
             self._refreshing.add(key)
             task.add_done_callback(lambda t: self._refresh_done(key, credential.name, t))
@@ -365,7 +380,7 @@ class TokenService:
         if exc is None:
             entry, _ = task.result()
             now = self.clock.monotonic()
-            if _cacheable(entry, now) and entry.refresh_at > now:
+            if cacheable(entry, now) and entry.refresh_at > now:
                 self._backoff.pop(key, None)
                 return
             # Nothing newer to serve (too short-lived to cache, or still past its refresh point):
@@ -382,9 +397,11 @@ class TokenService:
 
     # -- invalidation -----------------------------------------------------------------------------
 
-    async def invalidate(self, credential: CredentialSettings, scope_set: str, access_token: str) -> Invalidation:
+    async def invalidate(
+        self, credential: CredentialSettings, scope_set: str, access_token: str, subject: str | None = None
+    ) -> Invalidation:
         """Drop the cached token only if it is the one reported; then refresh it in the background."""
-        keys = self.keys_for(credential, scope_set)
+        keys = self.keys_for(credential, scope_set, subject)
         cached = self.l1.peek(keys.token)
         if cached is not None and hmac.compare_digest(cached.access_token, access_token):
             self.l1.drop(keys.token)
@@ -400,5 +417,5 @@ class TokenService:
             return "not_current"
         gone = CachedToken("", "", 0.0, 0.0, 0.0, 0.0, 0.0, "-", fence=fence)
         self._backoff.pop(keys.token, None)
-        self._refresh_ahead(credential, scope_set, keys, gone)
+        self._refresh_ahead(credential, scope_set, keys, gone, subject)
         return "dropped"

@@ -116,7 +116,7 @@ def test_a_credential_and_a_caller_made_through_the_api_serve_tokens(
 
     # stored sealed: neither the secret nor anything readable of the document is in Redis
     with redis.Redis.from_url(redis_url) as direct:
-        stored = direct.get("tb:{vault}:document")
+        stored = direct.get("tb:{:vault}:document")
         assert stored is not None
         assert stored.startswith(b"v3|")
         assert CLIENT_SECRET.encode() not in stored
@@ -253,3 +253,19 @@ def test_admin_changes_are_audited_without_secrets(admin_client: TestClient, aut
     text = json.dumps(logs, default=str)
     for secret in (CLIENT_SECRET, key, ADMIN_KEY):
         assert secret not in text
+
+
+def test_a_credential_named_vault_or_login_cannot_touch_the_vaults_own_keys(
+    admin_client: TestClient, authserver: AuthServerProcess
+) -> None:
+    """Defect: the vault document's keys were hash-tagged `{vault}`, the tag a credential named
+    `vault` has too, so deleting such a credential (SCAN tb:{vault}:*) deleted every API-managed
+    credential and caller with it. The vault's own tags now start with ':', which no name can."""
+    shipping = admin_client.put(f"{ADMIN}/callers/shipping", headers=admin_auth(), json={"grants": {}})
+    assert shipping.status_code == 201
+    for name in ("vault", "login"):
+        table = credential_table(authserver)
+        assert admin_client.put(f"{ADMIN}/credentials/{name}", headers=admin_auth(), json=table).status_code == 201
+        assert admin_client.delete(f"{ADMIN}/credentials/{name}", headers=admin_auth()).status_code == 204
+    callers = [c["name"] for c in admin_client.get(f"{ADMIN}/callers", headers=admin_auth()).json()["callers"]]
+    assert "shipping" in callers

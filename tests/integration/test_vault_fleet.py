@@ -123,8 +123,8 @@ async def test_a_worker_that_missed_the_event_catches_up_by_the_version_check(
         # it: sealed with the fleet's key, the version moved, nothing published.
         codec = Codec(KeyRing.parse(os.environ["BROKER_ENCRYPTION_KEYS"]))
         with redis.Redis.from_url(redis_url) as direct:
-            direct.set("tb:{vault}:document", codec.seal(Document().dumps(), "tb:{vault}:document"))
-            direct.incr("tb:{vault}:version")
+            direct.set("tb:{:vault}:document", codec.seal(Document().dumps(), "tb:{:vault}:document"))
+            direct.incr("tb:{:vault}:version")
         started = time.monotonic()
         while (await client.get("/v1/tokens/payments", headers={"Authorization": f"Bearer {key}"})).status_code != 401:
             assert time.monotonic() - started < 3, "the version check did not catch up"
