@@ -7,7 +7,8 @@ BrokerError                      base: status, OAuth-style code, human sentence
 │   ├── AccessDenied             403 access_denied (same answer whether or not the credential exists)
 │   ├── InsufficientScope        403 insufficient_scope
 │   ├── NotFound                 404 not_found (admin API: no such credential or caller)
-│   └── ReadOnly                 409 read_only (admin API: the entry comes from the config file)
+│   ├── ReadOnly                 409 read_only (admin API: the entry comes from the config file)
+│   └── RateLimited              429 rate_limited: the caller is over its rate limit; Retry-After
 ├── UpstreamError                the authorization server did not give us a token (5xx)
 │   ├── UpstreamRejected         502 upstream_rejected: terminal, not retried
 │   ├── UpstreamInvalidResponse  502 upstream_invalid_response: not a valid token response
@@ -21,6 +22,7 @@ ConfigError                      invalid configuration: one line per problem (no
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "InvalidCallerToken",
     "InvalidRequest",
     "NotFound",
+    "RateLimited",
     "ReadOnly",
     "StoreBusy",
     "StoreUnavailable",
@@ -100,6 +103,23 @@ class NotFound(CallerError):
 class ReadOnly(CallerError):
     status = 409
     code = "read_only"
+
+
+class RateLimited(CallerError):
+    """The caller asked for tokens faster than its `rate_limit_per_second` (and burst) allow."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, caller: str, per_second: float, burst: int, retry_after: float) -> None:
+        self.retry_after = max(1, math.ceil(retry_after))  # whole seconds, as Retry-After wants
+        super().__init__(
+            f"Caller {caller} is over its rate limit of {per_second:.15g} token requests per second"
+            f" (burst {burst}): retry in {self.retry_after} s."
+        )
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class UpstreamError(BrokerError):

@@ -1,12 +1,12 @@
 """The Lua scripts of the store (broker/store.py), kept beside it under the same rule: nothing
 else runs Redis commands. Each touches the keys of one (credential, scope set) only, which share a
-hash slot, so they run unchanged on a Redis Cluster.
+hash slot (or one key of its own), so they run unchanged on a Redis Cluster.
 
 Values start `v<N>|<fence>|<fingerprint>|<window ms>|` (broker/entries.py): the scripts read
 that header without JSON, and without the encryption key.
 """
 
-__all__ = ["ACQUIRE", "DROP_IF", "GET", "PUT", "RELEASE", "RENEW", "REWRAP", "VAULT_PUT"]
+__all__ = ["ACQUIRE", "DROP_IF", "GET", "PUT", "RELEASE", "RENEW", "REWRAP", "TAKE_RATE", "VAULT_PUT"]
 
 # A value and its key's PTTL in one round trip: readers bound their copy by the key's own TTL.
 GET = """
@@ -108,4 +108,31 @@ redis.call('SET', KEYS[1], ARGV[2])
 local version = redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', ARGV[3], 'vault|' .. version .. '|' .. KEYS[1])
 return version
+"""
+
+
+# A caller's rate limit (spec §6.6) as GCRA: the key holds the theoretical arrival time (TAT, µs
+# on Redis's clock, the one clock every broker shares). ARGV: rate per second, burst, units
+# wanted. Grants as many of the wanted units as the limit allows now (a worker's batch), moves the
+# TAT by that many emission intervals, and keeps the key only while the TAT is ahead of now
+# (+ 1 s): an expired key and a TAT in the past mean the same, a full burst.
+# Returns {units granted, ms until the next unit is free}.
+TAKE_RATE = """
+local interval = 1000000 / tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local stored = redis.call('GET', KEYS[1])
+local tat = stored and tonumber(stored) or now
+if tat < now then tat = now end
+local room = math.floor((now + burst * interval - tat) / interval + 1e-6)
+local granted = math.max(0, math.min(want, room))
+if granted > 0 then
+  tat = tat + granted * interval
+  redis.call('SET', KEYS[1], string.format('%.17g', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+end
+local wait = tat + interval - burst * interval - now
+if wait < 0 then wait = 0 end
+return {granted, math.ceil(wait / 1000)}
 """

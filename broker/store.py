@@ -4,7 +4,8 @@ Nothing else in the broker knows a key name or a Redis command (the Lua scripts 
 broker/redis_scripts.py). Every cache key written has a TTL; the vault's two keys are data.
 Redis errors are translated here: StoreUnavailable (an outage) or StoreBusy (no free connection).
 
-Keys, all hash-tagged by credential so one credential's keys share a cluster slot:
+Keys, all hash-tagged by credential so one credential's keys share a cluster slot (a caller's
+rate limit has a tag of its own; `rl:` cannot start a credential name):
 
     {prefix}:{<credential>}:tok:<id>     the cached token (broker/entries.py), TTL = cached window
     {prefix}:{<credential>}:lock:<id>    the fetch lock: "<owner>|<fence>", renewed by its holder
@@ -12,6 +13,7 @@ Keys, all hash-tagged by credential so one credential's keys share a cluster slo
     {prefix}:{<credential>}:neg:<id>     a remembered refusal (negative cache)
     {prefix}:{<credential>}:inv:<id>     set for a while after an invalidation (throttles the next)
     {prefix}:events                      the pub/sub channel of writes, drops and vault changes
+    {prefix}:{rl:<caller>}:gcra          a caller's rate limit state (GCRA), TTL ≤ burst / rate + 1 s
     {prefix}:{vault}:document|version    the admin API's credentials and callers, sealed (no TTL)
 
 `<id>` = sha256(credential shape, scope set)[:32]: the shape is a fingerprint of everything in the
@@ -78,6 +80,9 @@ class Keys:
         self.vault_document = f"{prefix}:{{vault}}:document"
         self.vault_version = f"{prefix}:{{vault}}:version"
 
+    def rate_limit(self, caller: str) -> str:
+        return f"{self.prefix}:{{rl:{caller}}}:gcra"
+
     def credential_pattern(self, credential: str) -> str:
         """Every key of one credential (SCAN MATCH): a deleted credential leaves nothing behind."""
         return f"{self.prefix}:{{{credential}}}:*"
@@ -134,6 +139,7 @@ class Store:
         self._renew = redis.register_script(scripts.RENEW)
         self._rewrap = redis.register_script(scripts.REWRAP)
         self._vault_put = redis.register_script(scripts.VAULT_PUT)
+        self._take_rate = redis.register_script(scripts.TAKE_RATE)
 
     async def _call(self, command: Callable[..., Awaitable[Any]], *args: Any, probe: bool = False, **kw: Any) -> Any:
         if not probe and not self.reachable and time.monotonic() < self._down_until:
@@ -230,6 +236,15 @@ class Store:
         raw = await self._call(self.redis.get, keys.refusal)
         return self.codec.decode_rejection(raw, keys.refusal) if raw else None
 
+    # -- rate limits (spec §6.6) ------------------------------------------------------------------
+
+    async def take_rate(self, caller: str, per_second: float, burst: int, want: int) -> tuple[int, float]:
+        """Up to `want` units of the caller's rate limit → (units granted, seconds until the next
+        unit is free). Shared by every worker of every replica; Redis's clock decides."""
+        args = [repr(float(per_second)), burst, want]
+        granted, wait_ms = await self._call(self._take_rate, keys=[self.keys.rate_limit(caller)], args=args)
+        return int(granted), int(wait_ms) / 1000
+
     # -- encryption keys --------------------------------------------------------------------------
 
     async def rewrap_all(self) -> tuple[int, int]:
@@ -237,7 +252,7 @@ class Store:
         rewrapped = seen = 0
         async for name in self.redis.scan_iter(match=f"{self.keys.prefix}:*", count=500):
             key = name.decode() if isinstance(name, bytes) else str(name)
-            if ":lock:" in key or ":fence:" in key or ":inv:" in key or key == self.keys.vault_version:
+            if any(kind in key for kind in (":lock:", ":fence:", ":inv:", ":{rl:")) or key == self.keys.vault_version:
                 continue
             raw = await self._call(self.redis.get, key)
             if not raw:

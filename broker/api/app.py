@@ -27,6 +27,7 @@ from broker.clock import Clock, SystemClock
 from broker.entries import Codec
 from broker.errors import BrokerError, StoreBusy, StoreUnavailable
 from broker.events import Event, EventSubscriber
+from broker.ratelimit import RateLimiter
 from broker.settings import Settings
 from broker.store import Store
 from broker.tasks import cancel
@@ -49,6 +50,7 @@ _OUTCOMES = {
     "upstream_unavailable": "unavailable",
     "upstream_invalid_response": "invalid_response",
     "temporarily_unavailable": "overloaded",
+    "rate_limited": "rate_limited",
 }
 
 
@@ -124,6 +126,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             clock=clock,
         )
         vault = VaultSync(store, registry, os.environ)
+        limiter = RateLimiter(store, tokens.stats, clock)
         registry.on_credentials_changed(tokens.forget)
 
         def on_event(event: Event) -> None:
@@ -144,7 +147,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         syncer = asyncio.create_task(vault.run(), name="tb-vault")
         await subscriber.wait_live(2.0)
         try:
-            yield {"broker": Broker(settings, registry, vault, tokens, store, health, clock, audit)}
+            yield {"broker": Broker(settings, registry, vault, tokens, store, health, clock, audit, limiter=limiter)}
         finally:
             await cancel(syncer)
             registry.forget_listeners()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from broker.audit import AuditTrail
 from broker.clock import Clock
+from broker.ratelimit import RateLimiter
 from broker.settings import Settings
 from broker.store import Store
 from broker.tokens import TokenService
@@ -30,3 +31,4 @@ class Broker:
     health: Health
     clock: Clock
     audit: AuditTrail
+    limiter: RateLimiter  # per-caller rate limits (spec §6.6)
