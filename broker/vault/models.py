@@ -205,11 +205,11 @@ def _rate_limit(r: Reader, t: Mapping[str, Any], key: str) -> RateLimit | None:
     per_second = r.value(
         t, "rate_limit_per_second", f"{key}.rate_limit_per_second", to_float, None, f"a number ({rate_range})"
     )
-    burst = r.value(t, "rate_limit_burst", f"{key}.rate_limit_burst", to_int, None, "a whole number of requests")
     if per_second is not None and not MIN_RATE_LIMIT_PER_SECOND <= per_second <= MAX_RATE_LIMIT_PER_SECOND:
         given = t["rate_limit_per_second"]
         r.problem(f"{key}.rate_limit_per_second", f"must be {rate_range} token requests per second, got {given!r}")
         per_second = None
+    burst = r.value(t, "rate_limit_burst", f"{key}.rate_limit_burst", to_int, None, "a whole number of requests")
     if burst is not None and not 1 <= burst <= MAX_RATE_LIMIT_BURST:
         r.problem(f"{key}.rate_limit_burst", f"must be 1 to {MAX_RATE_LIMIT_BURST} requests, got {burst}")
         burst = None
