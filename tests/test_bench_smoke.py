@@ -60,6 +60,11 @@ def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert latency["broker"][0]["statuses"] == {"200": latency["broker"][0]["requests"]}
     assert {"baseline_p99_ms", "broker_p99_ms", "p99_delta_ms", "pass"} <= set(latency)
 
+    limited = result["limited"]
+    assert limited["errors"] == 0
+    assert limited["limited_rps"][0] > 0
+    assert {"limited_ratio", "unlimited_ratio", "counting_cost", "pass"} <= set(limited)
+
     stampede = result["stampede"]
     assert stampede["upstream_requests"] == 1
     assert stampede["statuses"] == {"200": stampede["requests"]}
