@@ -15,8 +15,9 @@ what the limit allows plus the units workers held when it began: at most
 min(workers * (batch - 1), rate * 0.1 s) requests, none below 40/s (README, Rate limits).
 
 When Redis cannot answer (StoreUnavailable, or StoreBusy: a local decision, never a 503),
-each worker enforces the caller's rate and burst on its own for a second before it asks Redis
-again: the fleet fails open, up to workers times the limit.
+each worker enforces the caller's rate and burst on its own, for a second after the failure and
+for as long as the store knows Redis is unreachable: the fleet fails open, up to workers times
+the limit.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class RateLimiter:
         if budget.units > 0 and now < budget.lapses:
             budget.units -= 1
             return True
-        return now < self._local_until and _local_wait(budget, limit, now) == 0.0
+        return self._is_local(now) and _local_wait(budget, limit, now) == 0.0
 
     async def spend(self, caller: CallerSettings) -> None:
         """A unit of the caller's limit, or RateLimited with the time until one is free."""
@@ -97,7 +98,8 @@ class RateLimiter:
 
     async def _take(self, name: str, limit: RateLimit, budget: _Budget) -> None:
         now = self.clock.monotonic()
-        if now < self._local_until:
+        if self._is_local(now):
+            self._note_local("Redis is unreachable.")
             self._decide_locally(name, limit, budget, now)
             return
         if now < budget.recheck:
@@ -109,7 +111,8 @@ class RateLimiter:
         try:
             granted, wait = await self.store.take_rate(name, limit.per_second, limit.burst, want)
         except (StoreUnavailable, StoreBusy) as exc:
-            self._go_local(exc)
+            self._local_until = self.clock.monotonic() + LOCAL_SECONDS
+            self._note_local(exc.description)
             self._decide_locally(name, limit, budget, self.clock.monotonic())
             return
         if self._local:
@@ -124,18 +127,22 @@ class RateLimiter:
         budget.units = granted - 1  # one for this request
         budget.lapses = now + ALLOWANCE_SECONDS
 
+    def _is_local(self, now: float) -> bool:
+        # The store knows Redis is down (its health probe tells when it is back): no request here
+        # waits for a connection attempt to a dead Redis.
+        return now < self._local_until or not self.store.reachable
+
     def _decide_locally(self, name: str, limit: RateLimit, budget: _Budget, now: float) -> None:
         wait = _local_wait(budget, limit, now)
         if wait > 0.0:
             raise self._limited(name, limit, wait)
 
-    def _go_local(self, exc: StoreUnavailable | StoreBusy) -> None:
-        self._local_until = self.clock.monotonic() + LOCAL_SECONDS
+    def _note_local(self, reason: str) -> None:
         if not self._local:
             self._local = True
             log.warning(
                 "ratelimit.local",
-                reason=exc.description,
+                reason=reason,
                 note="each worker enforces rate limits on its own until Redis answers: up to workers times the limit",
             )
 

@@ -164,9 +164,13 @@ async def test_redis_down_means_this_worker_enforces_the_limit_alone(clock: Fake
         assert limiter.try_spend(limited)
         assert not limiter.try_spend(limited)
         assert len(store.asked) == asked
-        # after a second it asks Redis again (still down: decided locally again)
+        # while the store knows Redis is unreachable, no request waits for a connection attempt
         clock.advance(LOCAL_SECONDS)
         await limiter.spend(limited)
+        assert len(store.asked) == asked
+        # once the store has word of Redis (its health probe), the limiter asks Redis again
+        store.answered()
+        await limiter.spend(limited)  # Redis is still down after all: admitted locally again
         assert len(store.asked) == asked + 1
     finally:
         await client.aclose()
