@@ -5,13 +5,17 @@ at the rate, the key lives only while it matters, and Redis's clock is the only 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 
+from broker.entries import Codec
 from broker.redis_client import connect
 from broker.store import Keys, Store
+from broker.vault.keyring import KeyRing
 
 
 @pytest.fixture
@@ -115,3 +119,19 @@ async def test_callers_and_deployments_have_their_own_state(redis_url: str) -> N
 async def test_concurrent_batches_never_grant_more_than_the_burst(store: Store) -> None:
     results = await asyncio.gather(*(store.take_rate("c", 0.01, 50, 3) for _ in range(40)))
     assert sum(granted for granted, _ in results) == 50
+
+
+async def test_rotate_key_leaves_rate_limit_state_alone(redis_url: str) -> None:
+    """`token-broker rotate-key` re-seals what is sealed; a GCRA state is a bare number, not a
+    value to open (it would count as seen and log an undecryptable value)."""
+    client = connect(redis_url)
+    try:
+        store = Store(client, codec=Codec(KeyRing.parse(os.environ["BROKER_ENCRYPTION_KEYS"])))
+        await store.take_rate("c", 1, 5, 1)
+        stored = await client.get(store.keys.rate_limit("c"))
+        with capture_logs() as logs:
+            assert await store.rewrap_all() == (0, 0)
+        assert logs == []
+        assert await client.get(store.keys.rate_limit("c")) == stored
+    finally:
+        await client.aclose()
