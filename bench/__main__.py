@@ -23,7 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import chart, facade, fleet, hits, memory, profile, stampede, wrk
+from bench import chart, facade, fleet, hits, limited, memory, profile, stampede, wrk
 from bench.common import Caller, broker, broker_config, server, write_config
 from bench.hits import LatencySettings, hit_url
 from bench.wrk import WrkSettings
@@ -31,7 +31,7 @@ from tests.support import REPO_ROOT, AuthServerProcess
 
 T = TypeVar("T")
 EXIT_MISSED = 3  # ran to the end, but a target was missed (a crash exits 1)
-SCENARIOS = ("hits", "l2", "facade", "stampede", "fleet", "memory", "profile")
+SCENARIOS = ("hits", "l2", "facade", "limited", "stampede", "fleet", "memory", "profile")
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,18 @@ def _summary(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "pass": f["pass"],
             }
         )
+    if "limited" in result:
+        rl = result["limited"]
+        rows.append(
+            {
+                "figure": "hits of a rate-limited caller (1 worker): broker/baseline rps",
+                "value": rl["limited_ratio"],
+                "detail": f"limited {rl['limited_rps']} vs unlimited {rl['unlimited_rps']} vs baseline"
+                f" {rl['baseline_rps']} rps; counting costs {rl['counting_cost'] * 100:.1f} % of hit throughput",
+                "target": f">= {rl['target']}",
+                "pass": rl["pass"],
+            }
+        )
     if "stampede" in result:
         s = result["stampede"]
         rows.append(
@@ -310,6 +322,18 @@ def run(mode: Mode, only: set[str], out: Path, given_redis: str | None) -> dict[
             )
             rounds = 1 if mode.name == "smoke" else 3  # issue 12: median of 3
             result["facade"] = step("facade", lambda: facade.run(facade_config, caller, rounds, mode.wrk))
+        if "limited" in only:
+            _flush(redis)
+            limited_caller = Caller("limited")
+            limited_config = write_config(
+                workdir,
+                "broker-limited.toml",
+                broker_config(redis, authserver.token_url, caller) + limited.caller_table(limited_caller),
+            )
+            result["limited"] = step(
+                "hits of a rate-limited caller",
+                lambda: limited.run(limited_config, caller, limited_caller, mode.rounds, mode.wrk),
+            )
         if "stampede" in only:
             _flush(redis)
             result["stampede"] = step(

@@ -16,8 +16,10 @@ BrokerError                      500 server_error               500 server_error
 │   │                                                           answer whether or not the credential exists)
 │   ├── InsufficientScope        403 insufficient_scope         400 invalid_scope
 │   ├── NotFound                 404 not_found                  404 not_found (admin API: no such entry)
-│   └── ReadOnly                 409 read_only                  400 invalid_request (admin API only: an
-│                                                               entry from the config file)
+│   ├── ReadOnly                 409 read_only                  400 invalid_request (admin API only: an
+│   │                                                           entry from the config file)
+│   └── RateLimited              429 rate_limited               429 rate_limited: over the caller's rate
+│                                                               limit; Retry-After
 ├── UpstreamError                the authorization server did not give us a token (5xx)
 │   ├── UpstreamRejected         502 upstream_rejected          502 server_error: terminal, not retried
 │   ├── UpstreamInvalidResponse  502 upstream_invalid_response  502 server_error: not a valid token response
@@ -33,6 +35,7 @@ ConfigError                      invalid configuration: one line per problem (no
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidScope",
     "NotFound",
+    "RateLimited",
     "ReadOnly",
     "ReauthorizationRequired",
     "StoreBusy",
@@ -161,6 +165,24 @@ class ReadOnly(CallerError):
     status = 409
     code = "read_only"
     facade = (400, "invalid_request")  # the facade has no admin routes: never rendered there
+
+
+class RateLimited(CallerError):
+    """The caller asked for tokens faster than its `rate_limit_per_second` (and burst) allow."""
+
+    status = 429
+    code = "rate_limited"
+    facade = (429, "rate_limited")  # RFC 6749 has no code for it; clients read 429 and Retry-After
+
+    def __init__(self, caller: str, per_second: float, burst: int, retry_after: float) -> None:
+        self.retry_after = max(1, math.ceil(retry_after))  # whole seconds, as Retry-After wants
+        super().__init__(
+            f"Caller {caller} is over its rate limit of {per_second:.15g} token requests per second"
+            f" (burst {burst}): retry in {self.retry_after} s."
+        )
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class UpstreamError(BrokerError):

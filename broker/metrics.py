@@ -5,7 +5,8 @@ start, so prometheus-client keeps every worker's values in files that `/metrics`
 worker) adds up. The hit path never touches them: it bumps plain dict counters in `Stats`, which
 each worker folds into the metrics at least once a second (and right before it renders /metrics).
 
-Label values are bounded: configured credential names (or "-"), outcomes, HTTP status codes.
+Label values are bounded: configured credential and caller names (or "-"), outcomes, HTTP status
+codes.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ CLIENT_SECRET_FALLBACK = Gauge(
     ["credential"],
     multiprocess_mode="livemostrecent",  # the latest any worker learnt, not a stale one's
 )
+RATE_LIMITED = Counter(
+    f"{_NS}_rate_limited_requests", "Token requests refused 429 because the caller was over its rate limit.", ["caller"]
+)
 CACHE_ENTRIES = Gauge(
     f"{_NS}_cache_entries", "Tokens held in the per-worker L1 caches.", ["level"], multiprocess_mode="livesum"
 )
@@ -90,6 +94,7 @@ class Stats:
     ttl_sum: dict[str, float] = field(default_factory=dict)
     ttl_min: dict[str, float] = field(default_factory=dict)
     waiters: int = 0
+    limited: dict[str, int] = field(default_factory=dict)  # caller → requests refused 429
 
     def handout(self, credential: str, outcome: str, ttl: float, *, facade: bool = False) -> None:
         key = (credential, outcome)
@@ -107,15 +112,21 @@ class Stats:
         if facade:
             self.facade_counts[key] = self.facade_counts.get(key, 0) + 1
 
+    def rate_limited(self, caller: str) -> None:
+        self.limited[caller] = self.limited.get(caller, 0) + 1
+
     def flush(self, l1_entries: int) -> None:
         counts, self.counts = self.counts, {}
         facade_counts, self.facade_counts = self.facade_counts, {}
+        limited, self.limited = self.limited, {}
         ttl_sum, self.ttl_sum = self.ttl_sum, {}
         ttl_min, self.ttl_min = self.ttl_min, {}
         for (credential, outcome), n in counts.items():
             TOKEN_REQUESTS.labels(credential, outcome).inc(n)
         for (credential, outcome), n in facade_counts.items():
             FACADE_REQUESTS.labels(credential, outcome).inc(n)
+        for caller, n in limited.items():
+            RATE_LIMITED.labels(caller).inc(n)
         for credential, seconds in ttl_sum.items():
             HANDOUT_TTL_SUM.labels(credential).inc(seconds)
         for credential, seconds in ttl_min.items():

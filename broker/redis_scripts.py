@@ -1,12 +1,12 @@
 """The Lua scripts of the store (broker/store.py), kept beside it under the same rule: nothing
 else runs Redis commands. Each touches the keys of one (credential, scope set) only, which share a
-hash slot, so they run unchanged on a Redis Cluster.
+hash slot (or one key of its own), so they run unchanged on a Redis Cluster.
 
 Values start `v<N>|<fence>|<fingerprint>|<window ms>|` (broker/entries.py): the scripts read
 that header without JSON, and without the encryption key.
 """
 
-__all__ = ["ACQUIRE", "DROP_IF", "GET", "GRANT_PUT", "PUT", "RELEASE", "RENEW", "REWRAP", "VAULT_PUT"]
+__all__ = ["ACQUIRE", "DROP_IF", "GET", "GRANT_PUT", "PUT", "RELEASE", "RENEW", "REWRAP", "TAKE_RATE", "VAULT_PUT"]
 
 # A value and its key's PTTL in one round trip: readers bound their copy by the key's own TTL.
 GET = """
@@ -122,4 +122,31 @@ if version ~= tonumber(ARGV[1]) then return 0 end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[4] then return -1 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
+"""
+
+# A caller's rate limit (spec §6.6) as GCRA: the key holds the theoretical arrival time (TAT, µs
+# on Redis's clock, the one clock every broker shares). ARGV: rate per second, burst, units
+# wanted. Grants as many of the wanted units as the limit allows now (a worker's batch), moves the
+# TAT by that many emission intervals, and keeps the key only while the TAT is ahead of now
+# (+ 1 s): an expired key and a TAT in the past mean the same, a full burst.
+# Returns {units granted, ms until the next unit is free}.
+TAKE_RATE = """
+local interval = 1000000 / tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local stored = redis.call('GET', KEYS[1])
+-- Sums relative to now: at 1.8e15 µs a double is exact to 0.25 µs only, 1/4 of an interval at 1e6/s.
+local ahead = stored and tonumber(stored) - now or 0
+if ahead < 0 then ahead = 0 end
+local room = math.floor((burst * interval - ahead) / interval + 1e-6)
+local granted = math.max(0, math.min(want, room))
+if granted > 0 then
+  ahead = ahead + granted * interval
+  redis.call('SET', KEYS[1], string.format('%.17g', now + ahead), 'PX', math.ceil(ahead / 1000) + 1000)
+end
+local wait = ahead + interval - burst * interval
+if wait < 0 then wait = 0 end
+return {granted, math.ceil(wait / 1000)}
 """

@@ -4,7 +4,8 @@ Nothing else in the broker knows a key name or a Redis command (the Lua scripts 
 broker/redis_scripts.py). Every cache key written has a TTL; the vault's two keys are data.
 Redis errors are translated here: StoreUnavailable (an outage) or StoreBusy (no free connection).
 
-Keys, all hash-tagged by credential so one credential's keys share a cluster slot:
+Keys, all hash-tagged by credential so one credential's keys share a cluster slot (a caller's
+rate limit has a tag of its own; `rl:` cannot start a credential name):
 
     {prefix}:{<credential>}:tok:<id>     the cached token (broker/entries.py), TTL = cached window
     {prefix}:{<credential>}:lock:<id>    the fetch lock: "<owner>|<fence>", renewed by its holder
@@ -13,6 +14,7 @@ Keys, all hash-tagged by credential so one credential's keys share a cluster slo
     {prefix}:{<credential>}:inv:<id>     set for a while after an invalidation (throttles the next)
     {prefix}:{<credential>}:secret:<sid> the fingerprint of the client secret that works (spec §6.5)
     {prefix}:events                      the pub/sub channel of writes, drops and vault changes
+    {prefix}:{rl:<caller>}:gcra          a caller's rate limit state (GCRA), TTL ≤ burst / rate + 1 s
     {prefix}:{:vault}:document|version    the admin API's credentials and callers, sealed (no TTL)
 
 `<id>` = sha256(credential shape, scope set)[:32]: the shape is a fingerprint of everything in the
@@ -59,7 +61,7 @@ log = structlog.get_logger("broker.store")
 
 DEFAULT_PREFIX = "tb"
 _FENCE_TTL_MS = 24 * 3600 * 1000  # the counter outlives any lock; stored values carry their own fence
-_NOT_SEALED = (":lock:", ":fence:", ":inv:", ":secret:")  # key kinds whose values are not secret
+_NOT_SEALED = (":lock:", ":fence:", ":inv:", ":secret:", ":{rl:")  # key kinds whose values are not secret
 _WORKING_SECRET_TTL_S = 24 * 3600  # written again by every fetch that uses a fallback secret
 
 
@@ -86,6 +88,9 @@ class Keys:
         # never share, or purge, them).
         self.vault_document = f"{prefix}:{{:vault}}:document"
         self.vault_version = f"{prefix}:{{:vault}}:version"
+
+    def rate_limit(self, caller: str) -> str:
+        return f"{self.prefix}:{{rl:{caller}}}:gcra"
 
     def credential_pattern(self, credential: str) -> str:
         """Every key of one credential (SCAN MATCH): a deleted credential leaves nothing behind."""
@@ -164,6 +169,7 @@ class Store:
         self._rewrap = redis.register_script(scripts.REWRAP)
         self._vault_put = redis.register_script(scripts.VAULT_PUT)
         self._grant_put = redis.register_script(scripts.GRANT_PUT)
+        self._take_rate = redis.register_script(scripts.TAKE_RATE)
 
     async def _call(self, command: Callable[..., Awaitable[Any]], *args: Any, probe: bool = False, **kw: Any) -> Any:
         if not probe and not self.reachable and time.monotonic() < self._down_until:
@@ -270,6 +276,15 @@ class Store:
     async def put_working_secret(self, credential: str, secrets_id: str, fingerprint: str) -> None:
         key = self.keys.working_secret(credential, secrets_id)
         await self._call(self.redis.set, key, fingerprint, ex=_WORKING_SECRET_TTL_S)
+
+    # -- rate limits (spec §6.6) ------------------------------------------------------------------
+
+    async def take_rate(self, caller: str, per_second: float, burst: int, want: int) -> tuple[int, float]:
+        """Up to `want` units of the caller's rate limit → (units granted, seconds until the next
+        unit is free). Shared by every worker of every replica; Redis's clock decides."""
+        args = [repr(float(per_second)), burst, want]
+        granted, wait_ms = await self._call(self._take_rate, keys=[self.keys.rate_limit(caller)], args=args)
+        return int(granted), int(wait_ms) / 1000
 
     # -- encryption keys --------------------------------------------------------------------------
 

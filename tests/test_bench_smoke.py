@@ -66,6 +66,11 @@ def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert facade["errors"] == 0
     assert {"median_ratio", "pass", "body_bytes", "target"} <= set(facade)
 
+    limited = result["limited"]
+    assert limited["errors"] == 0
+    assert limited["limited_rps"][0] > 0
+    assert {"limited_ratio", "unlimited_ratio", "counting_cost", "pass"} <= set(limited)
+
     stampede = result["stampede"]
     assert stampede["upstream_requests"] == 1
     assert stampede["statuses"] == {"200": stampede["requests"]}

@@ -102,7 +102,11 @@ def _credential_view(broker: Broker, snapshot: Snapshot, credential: CredentialS
 
 def _caller_view(snapshot: Snapshot, caller: CallerSettings) -> dict[str, Any]:
     grants = {name: sorted(scopes) for name, scopes in sorted(caller.grants.items())}
-    return {"name": caller.name, "source": snapshot.source("callers", caller.name), "grants": grants}
+    view: dict[str, Any] = {"name": caller.name, "source": snapshot.source("callers", caller.name), "grants": grants}
+    if caller.rate_limit is not None:
+        view["rate_limit_per_second"] = caller.rate_limit.per_second
+        view["rate_limit_burst"] = caller.rate_limit.burst
+    return view
 
 
 def _writable(snapshot: Snapshot, kind: str, name: str) -> None:

@@ -28,6 +28,7 @@ from broker.entries import Codec
 from broker.errors import BrokerError, StoreBusy, StoreUnavailable
 from broker.events import Event, EventSubscriber
 from broker.jwks import SigningKeys
+from broker.ratelimit import RateLimiter
 from broker.settings import Settings
 from broker.store import Store
 from broker.tasks import cancel
@@ -50,6 +51,7 @@ _OUTCOMES = {
     "upstream_unavailable": "unavailable",
     "upstream_invalid_response": "invalid_response",
     "temporarily_unavailable": "overloaded",
+    "rate_limited": "rate_limited",
 }
 
 
@@ -133,6 +135,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             clock=clock,
         )
         vault = VaultSync(store, registry, os.environ)
+        limiter = RateLimiter(store, tokens.stats, clock)
         registry.on_credentials_changed(tokens.forget)
 
         def on_event(event: Event) -> None:
@@ -154,7 +157,11 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         await subscriber.wait_live(2.0)
         try:
             keys = SigningKeys(http, settings.upstream, deadline_seconds=settings.server.request_deadline_seconds)
-            yield {"broker": Broker(settings, registry, vault, tokens, store, health, clock, audit, keys)}
+            yield {
+                "broker": Broker(
+                    settings, registry, vault, tokens, store, health, clock, audit, keys=keys, limiter=limiter
+                )
+            }
         finally:
             await cancel(syncer)
             registry.forget_listeners()

@@ -266,6 +266,7 @@ async def token(request: Request) -> Response:
     request.state.caller_name = caller.name
     request.state.credential = name
     credential, scope_set = authorize(broker, caller, name, parsed)
+    await broker.limiter.spend(caller)  # spec §3.3: the rate limit answers after the scopes
     entry, source = await broker.tokens.get(credential, scope_set, broker.settings.facade.min_ttl_seconds)
     request.state.outcome = source
     ttl = entry.expires - broker.clock.monotonic()

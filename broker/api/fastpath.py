@@ -3,7 +3,8 @@
 
 A request is answered here only if all of it is ordinary and it succeeds: a GET on that exact
 route, a valid caller key, a grant for the credential, a query of at most one `scope` and one
-`min_ttl` that parse, scopes within the grant, and a token in L1 that satisfies `min_ttl`.
+`min_ttl` that parse, scopes within the grant, a token in L1 that satisfies `min_ttl`, and a
+unit of the caller's rate limit already in this worker's hands (`RateLimiter.try_spend`, no I/O).
 Anything else (any error, an L1 miss, an unusual query, HEAD, other routes, `access_log = true`)
 goes to the Starlette app unchanged, which runs every check again in the order of spec §3.3:
 errors and misses are answered by one code path only.
@@ -170,7 +171,7 @@ class FastPath:
                 return None  # no default scopes: the route answers 400 (spec §4.8)
             scope_set = scopes.canonical(credential.default_scopes)
         entry = broker.tokens.get_l1(credential, scope_set, query.min_ttl)
-        if entry is None:
+        if entry is None or not broker.limiter.try_spend(caller):  # no unit at hand: the route decides
             return None
         ttl = entry.expires - broker.clock.monotonic()
         broker.tokens.stats.handout(name, "l1", ttl)
@@ -230,7 +231,7 @@ class FastPath:
         except BrokerError:
             return None
         entry = broker.tokens.get_l1(credential, scope_set, broker.settings.facade.min_ttl_seconds)
-        if entry is None:
+        if entry is None or not broker.limiter.try_spend(caller):  # no unit at hand: the route decides
             return None
         ttl = entry.expires - broker.clock.monotonic()
         broker.tokens.stats.handout(name, "l1", ttl, facade=True)

@@ -1,5 +1,5 @@
 """The HTTP routes. Checks run in the order of spec §3.3: caller (middleware), grant, syntax,
-scopes within the grant, then the token itself."""
+scopes within the grant, the caller's rate limit (token requests only), then the token itself."""
 
 from __future__ import annotations
 
@@ -100,11 +100,12 @@ async def get_token(request: Request) -> Response:
     raw_scope = _single(request, "scope")
     min_ttl = parse_min_ttl(_single(request, "min_ttl"))
     scope_set = scope_set_for(credential, granted, raw_scope)
+    caller: CallerSettings = request.state.caller
+    await broker.limiter.spend(caller)
     entry, source = await broker.tokens.get(credential, scope_set, min_ttl)
     request.state.outcome = source
     ttl = entry.expires - broker.clock.monotonic()
     broker.tokens.stats.handout(credential.name, source, ttl)
-    caller: CallerSettings = request.state.caller
     broker.audit.record(caller.name, credential.name, scope_set, entry.fingerprint, source)
     body = {
         "access_token": entry.access_token,
@@ -117,6 +118,9 @@ async def get_token(request: Request) -> Response:
 
 
 async def invalidate_token(request: Request) -> Response:
+    """Not rate-limited: it hands out no token, a drop per scope set is already throttled by
+    `invalidate_min_interval_seconds`, and a caller over its limit must still be able to report a
+    revoked token that every other caller of the scope set would otherwise keep getting."""
     broker = _broker(request)
     credential, granted = _granted(request)
     payload = await json_body(request, broker.settings.server.max_body_bytes)

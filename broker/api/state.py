@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from broker.audit import AuditTrail
 from broker.clock import Clock
 from broker.jwks import SigningKeys
+from broker.ratelimit import RateLimiter
 from broker.settings import Settings
 from broker.store import Store
 from broker.tokens import TokenService
@@ -33,6 +34,7 @@ class Broker:
     clock: Clock
     audit: AuditTrail
     keys: SigningKeys  # the upstreams' JWK Sets, for the OAuth facade
+    limiter: RateLimiter  # per-caller rate limits (spec §6.6)
 
     def credential(self, name: str) -> CredentialSettings | None:
         """The one place the API reads a credential by name: the live registry's snapshot."""

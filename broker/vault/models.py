@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.reader import Reader, check_url, scope_list, to_float, to_str
+from broker.reader import Reader, check_url, scope_list, to_float, to_int, to_str
 from broker.secret import Secret
 
 __all__ = [
     "AUTH_METHODS",
+    "MAX_RATE_LIMIT_BURST",
+    "MAX_RATE_LIMIT_PER_SECOND",
+    "MIN_RATE_LIMIT_PER_SECOND",
     "NAME",
     "AdminSettings",
     "CallerSettings",
     "CredentialSettings",
     "Entries",
+    "RateLimit",
     "read_admin",
     "read_caller",
     "read_credential",
@@ -33,6 +38,9 @@ AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 _PLANNED_AUTH_METHODS = ("private_key_jwt", "tls_client_auth")
 _SHA256_HEX = frozenset("0123456789abcdef")
 NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")  # credential, caller, admin names: URL path segments, Redis hash tags
+MIN_RATE_LIMIT_PER_SECOND = 0.001  # one request per 1000 s; slower is no rate limit but a quota
+MAX_RATE_LIMIT_PER_SECOND = 1_000_000
+MAX_RATE_LIMIT_BURST = 1_000_000
 
 
 MAX_CLIENT_SECRETS = 8
@@ -80,6 +88,15 @@ class CredentialSettings:
         return self.client_secrets[0]
 
 
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A caller's token requests across the fleet (spec §6.6): `per_second` on average, up to
+    `burst` at once (broker/ratelimit.py)."""
+
+    per_second: float
+    burst: int
+
+
 @dataclass(frozen=True)
 class CallerSettings:
     name: str
@@ -91,6 +108,8 @@ class CallerSettings:
     def may_read_subject(self, credential: str, owners: frozenset[str]) -> bool:
         """ "own": subjects who logged in through this caller; "any": every subject of it."""
         return self.subjects.get(credential, "own") == "any" or self.name in owners
+
+    rate_limit: RateLimit | None = None  # None: unlimited
 
 
 @dataclass(frozen=True)
@@ -248,7 +267,7 @@ def read_caller(
     r: Reader, name: str, t: Mapping[str, Any], credentials: Mapping[str, Mapping[str, Any]]
 ) -> CallerSettings:
     key = f"callers.{name}"
-    r.unknown(t, {"key_sha256", "grants"}, key)
+    r.unknown(t, {"key_sha256", "grants", "rate_limit_per_second", "rate_limit_burst"}, key)
     digest = _key_digest(r, t, key, "token-broker caller-key")
     grants: dict[str, frozenset[str]] = {}
     subjects: dict[str, str] = {}
@@ -277,7 +296,30 @@ def read_caller(
                 if scope not in allowed:
                     r.problem(gkey, f"scope {scope!r} is not allowed by credentials.{credential}.scopes")
         grants[credential] = frozenset(granted)
-    return CallerSettings(name=name, key_sha256=digest, grants=grants, subjects=subjects)
+    return CallerSettings(
+        name=name, key_sha256=digest, grants=grants, subjects=subjects, rate_limit=_rate_limit(r, t, key)
+    )
+
+
+def _rate_limit(r: Reader, t: Mapping[str, Any], key: str) -> RateLimit | None:
+    """Both keys optional; a burst needs a rate; the burst defaults to one second's worth."""
+    rate_range = f"{MIN_RATE_LIMIT_PER_SECOND:g} to {MAX_RATE_LIMIT_PER_SECOND}"
+    per_second = r.value(
+        t, "rate_limit_per_second", f"{key}.rate_limit_per_second", to_float, None, f"a number ({rate_range})"
+    )
+    if per_second is not None and not MIN_RATE_LIMIT_PER_SECOND <= per_second <= MAX_RATE_LIMIT_PER_SECOND:
+        given = t["rate_limit_per_second"]
+        r.problem(f"{key}.rate_limit_per_second", f"must be {rate_range} token requests per second, got {given!r}")
+        per_second = None
+    burst = r.value(t, "rate_limit_burst", f"{key}.rate_limit_burst", to_int, None, "a whole number of requests")
+    if burst is not None and not 1 <= burst <= MAX_RATE_LIMIT_BURST:
+        r.problem(f"{key}.rate_limit_burst", f"must be 1 to {MAX_RATE_LIMIT_BURST} requests, got {burst}")
+        burst = None
+    if "rate_limit_burst" in t and "rate_limit_per_second" not in t:
+        r.problem(f"{key}.rate_limit_burst", "needs rate_limit_per_second: a burst alone limits nothing")
+    if per_second is None:
+        return None
+    return RateLimit(per_second, burst if burst is not None else max(1, math.ceil(per_second)))
 
 
 def read_admin(r: Reader, name: str, t: Mapping[str, Any]) -> AdminSettings:

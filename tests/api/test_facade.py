@@ -507,6 +507,7 @@ def test_every_error_in_the_tree_has_a_facade_rendering() -> None:
         "InsufficientScope": (400, "invalid_scope"),
         "NotFound": (404, "not_found"),
         "ReadOnly": (400, "invalid_request"),
+        "RateLimited": (429, "rate_limited"),
         "UpstreamError": (502, "server_error"),
         "UpstreamRejected": (502, "server_error"),
         "UpstreamInvalidResponse": (502, "server_error"),
