@@ -233,21 +233,33 @@ client_secret = {{ env = "TB_DEMO_CLIENT_SECRET" }}
 scopes = ["urn:demo:claims.read", "urn:demo:claims.write"]
 default_scopes = ["urn:demo:claims.read"]
 
+# Users log in to this one (authorization code grant with OpenID Connect, spec §5).
+[credentials.demo-users]
+issuer = "{issuer}"
+client_id = "demo-client"
+client_secret = {{ env = "TB_DEMO_CLIENT_SECRET" }}
+grant = "authorization_code"
+scopes = ["urn:demo:claims.read"]
+default_scopes = ["urn:demo:claims.read"]
+return_to_allow = ["http://127.0.0.1:{port}/"]
+
 [callers.demo-caller]
 key_sha256 = "{key_hash}"
 [callers.demo-caller.grants]
 demo = ["urn:demo:claims.read", "urn:demo:claims.write"]
+demo-users = ["urn:demo:claims.read"]
 """
 
 
-def _start_demo_authserver(client_secret: str) -> str:
+def _start_demo_authserver(client_secret: str, broker_base: str) -> str:
     import uvicorn  # noqa: PLC0415
 
     from broker.demo import create_demo_authserver  # noqa: PLC0415
+    from broker.logins import CALLBACK_PATH  # noqa: PLC0415
 
     port = free_port()
     issuer = f"http://127.0.0.1:{port}"
-    app = create_demo_authserver(issuer, client_secret)
+    app = create_demo_authserver(issuer, client_secret, redirect_uris=[f"{broker_base}{CALLBACK_PATH}"])
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     threading.Thread(target=server.run, name="demo-authserver", daemon=True).start()
     deadline = time.monotonic() + 10
@@ -325,7 +337,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as cleanup:
         try:
             embedded = cleanup.enter_context(EmbeddedRedis())
-            issuer = _start_demo_authserver(client_secret)
+            issuer = _start_demo_authserver(client_secret, f"http://127.0.0.1:{args.port}")
         except (RedisServerNotFound, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -338,6 +350,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
         )
         _load(str(config))
         base = f"http://127.0.0.1:{args.port}"
+        from broker import demo  # noqa: PLC0415
+
         print(
             f"""
 token-broker dev
@@ -352,6 +366,10 @@ Get a token:
   curl -s -H 'Authorization: Bearer {key}' '{base}/v1/tokens/demo?scope=urn:demo:claims.read'
 Or as an OAuth client would (RFC 6749 client credentials grant):
   curl -s -u 'demo-caller:{key}' -d grant_type=client_credentials '{base}/oauth2/demo/token'
+A user's token (authorization code grant; demo user {demo.DEMO_USER} / {demo.DEMO_PASSWORD}):
+  curl -s -X POST -H 'Authorization: Bearer {key}' -d '{{}}' '{base}/v1/authorizations/demo-users'
+  # open its authorize_url in a browser, sign in; the page names the subject, then:
+  curl -s -H 'Authorization: Bearer {key}' '{base}/v1/tokens/demo-users/subjects/{demo.DEMO_SUBJECT}'
 """,
             flush=True,
         )

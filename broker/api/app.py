@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker import metrics, redis_client
-from broker.api import admin, facade, routes
+from broker.api import admin, facade, routes, subjects
 from broker.api.admin import AdminAuth
 from broker.api.fastpath import FastPath
 from broker.api.middleware import CallerAuth, RequestLimits, RequestLog
@@ -28,6 +28,7 @@ from broker.entries import Codec
 from broker.errors import BrokerError, StoreBusy, StoreUnavailable
 from broker.events import Event, EventSubscriber
 from broker.jwks import SigningKeys
+from broker.logins import CALLBACK_PATH, Logins
 from broker.ratelimit import RateLimiter
 from broker.settings import Settings
 from broker.store import Store
@@ -157,9 +158,27 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         await subscriber.wait_live(2.0)
         try:
             keys = SigningKeys(http, settings.upstream, deadline_seconds=settings.server.request_deadline_seconds)
+            logins = Logins(
+                store,
+                tokens,
+                upstream,
+                public_url=settings.server.public_url,
+                request_deadline=settings.server.request_deadline_seconds,
+                clock=clock,
+            )
             yield {
                 "broker": Broker(
-                    settings, registry, vault, tokens, store, health, clock, audit, keys=keys, limiter=limiter
+                    settings,
+                    registry,
+                    vault,
+                    tokens,
+                    store,
+                    health,
+                    clock,
+                    audit,
+                    keys=keys,
+                    limiter=limiter,
+                    logins=logins,
                 )
             }
         finally:
@@ -180,6 +199,9 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         routes=[
             Route("/v1/tokens/{credential}", routes.get_token, methods=["GET"]),
             Route("/v1/tokens/{credential}/invalidate", routes.invalidate_token, methods=["POST"]),
+            Route("/v1/tokens/{credential}/subjects/{subject}", subjects.subject, methods=["GET", "DELETE"]),
+            Route("/v1/authorizations/{credential}", subjects.start_login, methods=["POST"]),
+            Route(CALLBACK_PATH, subjects.callback, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),

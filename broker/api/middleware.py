@@ -11,6 +11,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.errors import BrokerError, InvalidRequest
+from broker.logins import CALLBACK_PATH
 from broker.vault.registry import Registry
 
 __all__ = ["MAX_HEADERS", "MAX_HEADER_BYTES", "CallerAuth", "RequestLimits", "RequestLog", "error_response_parts"]
@@ -135,7 +136,12 @@ class CallerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/v1/") or path.startswith("/v1/admin/"):
+        if (
+            scope["type"] != "http"
+            or not path.startswith("/v1/")
+            or path.startswith("/v1/admin/")  # admin keys (broker/api/admin.py)
+            or path == CALLBACK_PATH  # a user's browser, back from logging in: the state authenticates it
+        ):
             await self.app(scope, receive, send)
             return
         authorization: str | None = None

@@ -29,6 +29,7 @@ __all__ = [
     "read_body",
     "readyz",
     "scope_set_for",
+    "single_query",
 ]
 
 MAX_MIN_TTL = 366 * 24 * 3600
@@ -77,7 +78,7 @@ def scope_set_for(credential: CredentialSettings, granted: frozenset[str], raw_s
     return scopes.canonical(requested)
 
 
-def _single(request: Request, name: str) -> str | None:
+def single_query(request: Request, name: str) -> str | None:
     values = request.query_params.getlist(name)
     if len(values) > 1:
         raise InvalidRequest(f"The {name} parameter may be given only once.")
@@ -97,8 +98,8 @@ async def get_token(request: Request) -> Response:
     credential, granted = _granted(request)
     if len(request.scope["query_string"]) > MAX_QUERY_BYTES:
         raise InvalidRequest(f"The query string is longer than {MAX_QUERY_BYTES} bytes.")
-    raw_scope = _single(request, "scope")
-    min_ttl = parse_min_ttl(_single(request, "min_ttl"))
+    raw_scope = single_query(request, "scope")
+    min_ttl = parse_min_ttl(single_query(request, "min_ttl"))
     scope_set = scope_set_for(credential, granted, raw_scope)
     caller: CallerSettings = request.state.caller
     await broker.limiter.spend(caller)

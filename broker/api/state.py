@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from broker.audit import AuditTrail
 from broker.clock import Clock
 from broker.jwks import SigningKeys
+from broker.logins import Logins
 from broker.ratelimit import RateLimiter
 from broker.settings import Settings
 from broker.store import Store
@@ -35,6 +36,7 @@ class Broker:
     audit: AuditTrail
     keys: SigningKeys  # the upstreams' JWK Sets, for the OAuth facade
     limiter: RateLimiter  # per-caller rate limits (spec §6.6)
+    logins: Logins  # users who log in (spec §5)
 
     def credential(self, name: str) -> CredentialSettings | None:
         """The one place the API reads a credential by name: the live registry's snapshot."""
