@@ -75,7 +75,8 @@ def test_the_whole_flow(app: TestClient, authserver: AuthServerProcess) -> None:
     assert query["redirect_uri"] == [CALLBACK]
     assert "openid" in query["scope"][0].split()
     assert query["code_challenge_method"] == ["S256"]
-    assert "nonce" in query and "state" in query
+    assert "nonce" in query
+    assert "state" in query
     login = log_in(app, authserver)
     subject = login["subject"]
     token = app.get(f"/v1/tokens/portal/subjects/{subject}", headers=auth())
