@@ -43,6 +43,8 @@ log = structlog.get_logger("broker.logins")
 LOGIN_TTL = 600  # seconds a user has to finish logging in
 CALLBACK_PATH = "/v1/oauth/callback"
 _ATTEMPTS = 5
+_ALLOWED_FOR = 60.0  # seconds a caller's access to a subject is remembered (the fast path)
+_ALLOWED_KEPT = 10_000
 
 
 class LoginFailed(InvalidRequest):
@@ -87,6 +89,7 @@ class Logins:
         self.public_url = public_url
         self.request_deadline = request_deadline
         self.clock = clock or SystemClock()
+        self._allowed: dict[tuple[str, str, str, str], float] = {}  # (credential, shape, caller, sub) → until
 
     def _deadline(self) -> float:
         return time.monotonic() + self.request_deadline
@@ -206,14 +209,25 @@ class Logins:
 
     # -- reading and forgetting a subject -----------------------------------------------------------
 
+    def allowed_here(self, credential: CredentialSettings, caller: CallerSettings, subject: str) -> bool:
+        """Without I/O (the fast path): this caller was found allowed this subject a moment ago."""
+        if caller.subjects.get(credential.name, "own") == "any":
+            return True
+        until = self._allowed.get((credential.name, credential.shape, caller.name, subject))
+        return until is not None and time.monotonic() < until
+
     async def check_access(self, credential: CredentialSettings, caller: CallerSettings, subject: str) -> None:
         """A caller may read a subject who logged in through it, or any with `subjects = "any"`."""
-        if caller.subjects.get(credential.name, "own") == "any":
+        if self.allowed_here(credential, caller, subject):
             return
         _, record = await self.store.get_grant(self.tokens.keys_for(credential, "", subject))
         owners = frozenset((record or {}).get("owners") or [])
         if not caller.may_read_subject(credential.name, owners):
             raise AccessDenied()  # unknown, or another caller's: the same answer
+        # Owners only grow until a logout, which drops the tokens too: remembering it is safe.
+        if len(self._allowed) >= _ALLOWED_KEPT:
+            self._allowed.clear()
+        self._allowed[(credential.name, credential.shape, caller.name, subject)] = time.monotonic() + _ALLOWED_FOR
 
     async def logout(self, credential: CredentialSettings, subject: str) -> bool:
         """Revoke the refresh token upstream (RFC 7009, when advertised) and forget the subject."""

@@ -199,8 +199,8 @@ def authorize(
     `scope_set_of` is the route's `scope_set_for`, or the fast path's memo of it."""
     granted = CallerRegistry.granted_scopes(caller, name)
     credential = broker.credential(name)
-    if credential is None:
-        raise AccessDenied()
+    if credential is None or credential.grant != "client_credentials":
+        raise AccessDenied()  # users log in to the others: no client credentials grant for them
     grant_type = _single(request.grant_type, "grant_type")
     if grant_type is None:
         raise InvalidRequest(f"The grant_type parameter is required: grant_type={GRANT_TYPE}.")
@@ -243,7 +243,7 @@ def _facade_request(request: Request) -> tuple[Broker, str, str]:
 
 def _published(broker: Broker, name: str) -> CredentialSettings:
     credential = broker.credential(name)
-    if credential is None:
+    if credential is None or credential.grant != "client_credentials":
         raise NotFound("No such credential.")
     return credential
 

@@ -136,9 +136,14 @@ class FastPath:
         await self.app(scope, receive, send)
 
     def _hit(self, scope: Scope) -> tuple[Message, Message] | None:
-        name: str = scope["path"][_PREFIX_LENGTH:]
+        name, slash, rest = scope["path"][_PREFIX_LENGTH:].partition("/")
+        subject: str | None = None
+        if slash:  # /v1/tokens/{credential}/subjects/{subject}: a user's token (spec §5.4)
+            kind, _, subject = rest.partition("/")
+            if kind != "subjects" or not subject or "/" in subject:
+                return None
         state: Mapping[str, Any] | None = scope.get("state")
-        if not name or "/" in name or scope.get("root_path") or state is None:
+        if not name or scope.get("root_path") or state is None:
             return None
         broker: Broker | None = state.get("broker")
         if broker is None:
@@ -160,8 +165,10 @@ class FastPath:
         if query is None:
             return None
         credential = snapshot.credentials.get(name)
-        if credential is None:
+        if credential is None or (credential.grant == "authorization_code") != (subject is not None):
             return None
+        if subject is not None and not broker.logins.allowed_here(credential, caller, subject):
+            return None  # whose subject it is: the route reads the grant
         scope_set = query.scope_set
         if query.requested:
             if not granted.issuperset(query.requested):
@@ -170,7 +177,7 @@ class FastPath:
             if not credential.default_scopes or not granted.issuperset(credential.default_scopes):
                 return None  # no default scopes: the route answers 400 (spec §4.8)
             scope_set = scopes.canonical(credential.default_scopes)
-        entry = broker.tokens.get_l1(credential, scope_set, query.min_ttl)
+        entry = broker.tokens.get_l1(credential, scope_set, query.min_ttl, subject)
         if entry is None or not broker.limiter.try_spend(caller):  # no unit at hand: the route decides
             return None
         ttl = entry.expires - broker.clock.monotonic()

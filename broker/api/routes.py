@@ -58,6 +58,10 @@ def _granted(request: Request) -> tuple[CredentialSettings, frozenset[str]]:
     credential = _broker(request).credential(name)
     if credential is None:
         raise AccessDenied()  # a grant left behind by a credential that is gone: the same answer as none
+    if credential.grant != "client_credentials":
+        raise InvalidRequest(
+            f"Users log in to credential {name}: ask for a user's token at /v1/tokens/{name}/subjects/{{subject}}."
+        )
     return credential, granted
 
 

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 
 from broker.api import create_app
 from broker.settings import load_settings
-from tests.conftest import READ, SECRET_ENV, auth
+from tests.conftest import CALLER_KEYS, READ, SECRET_ENV, auth
 from tests.support import CLIENT_ID, AuthServerProcess
 
 PUBLIC = "http://testserver"
@@ -119,3 +119,38 @@ def test_a_refresh_spends_the_refresh_token_once_and_rotates_it(app: TestClient,
     dead = app.get(path, headers=auth())
     assert dead.status_code == 409, dead.text
     assert dead.json()["error"] == "reauthorization_required"
+
+
+def test_subject_hits_take_the_fast_path_with_the_routes_answer(app: TestClient, authserver: AuthServerProcess) -> None:
+    from broker.api.fastpath import FastPath
+
+    subject = log_in(app, authserver)["subject"]
+    path = f"/v1/tokens/portal/subjects/{subject}"
+    slow = app.get(path, headers=auth())  # L2 → L1, and the access check is remembered
+    assert slow.status_code == 200
+    served: list[bool] = []
+    original = FastPath._hit
+
+    def spy(self: FastPath, scope: dict[str, Any]) -> Any:
+        answer = original(self, scope)
+        served.append(answer is not None)
+        return answer
+
+    FastPath._hit = spy  # type: ignore[method-assign]
+    try:
+        fast = app.get(path, headers=auth())
+    finally:
+        FastPath._hit = original  # type: ignore[method-assign]
+    assert served == [True]
+    assert fast.headers.get("content-type") == slow.headers.get("content-type")
+    fast_body, slow_body = fast.json(), slow.json()
+    assert fast_body["access_token"] == slow_body["access_token"]
+    assert set(fast_body) == set(slow_body)
+    assert abs(fast_body["expires_in"] - slow_body["expires_in"]) <= 1
+
+
+def test_a_credential_users_log_in_to_gives_no_client_credentials_token(app: TestClient) -> None:
+    response = app.get("/v1/tokens/portal", headers=auth())
+    assert response.status_code == 400
+    assert "/v1/tokens/portal/subjects/" in response.json()["error_description"]
+    assert CALLER_KEYS["billing"] not in response.text
