@@ -17,7 +17,7 @@ from broker import scopes
 from broker.api.routes import json_body, parse_min_ttl, scope_set_for, single_query
 from broker.api.state import Broker
 from broker.callers import CallerRegistry
-from broker.errors import AccessDenied, BrokerError, InvalidRequest
+from broker.errors import AccessDenied, BrokerError, InvalidRequest, NotFound
 from broker.logins import LoginFailed
 from broker.vault.models import CallerSettings, CredentialSettings
 
@@ -52,7 +52,7 @@ def _user_credential(request: Request) -> tuple[Broker, CallerSettings, Credenti
     if credential is None:
         raise AccessDenied()
     if credential.grant != "authorization_code":
-        raise InvalidRequest(f"Credential {name} has no users: its grant is {credential.grant}.")
+        raise NotFound(f"Credential {name} has no users: its grant is {credential.grant}.")
     return broker, caller, credential, granted
 
 
