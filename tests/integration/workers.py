@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import ssl
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -90,21 +91,26 @@ def _single_connection_client(broker: BrokerProcess) -> httpx.AsyncClient:
 
 
 async def pin_connections(
-    broker: BrokerProcess, per_worker: int, stack: contextlib.AsyncExitStack, rounds: int = 8
+    broker: BrokerProcess, per_worker: int, stack: contextlib.AsyncExitStack, seconds: float = 20.0
 ) -> dict[int, list[httpx.AsyncClient]]:
     """Exactly `per_worker` single-connection clients on every worker of `broker`: {pid: clients}.
 
     Which worker accepts a connection is up to the kernel, so connections are opened in rounds and
-    kept only while their worker still needs some. Callers must keep using the clients (uvicorn
-    closes keep-alive connections idle for 5 s, and httpx would then reconnect to any worker).
+    kept only while their worker still needs some; on a busy machine a worker can stay out of
+    accept() for a while after the broker first answers, so rounds go on for up to `seconds`.
+    Callers must keep using the clients (uvicorn closes keep-alive connections idle for 5 s, and
+    httpx would then reconnect to any worker).
     """
     pinned: dict[int, list[httpx.AsyncClient]] = {}
-    for attempt in range(rounds + 1):
+    deadline = time.monotonic() + seconds
+    while True:
         missing = broker.workers * per_worker - sum(len(clients) for clients in pinned.values())
         if missing == 0:
             return pinned
-        if attempt == rounds:
+        if time.monotonic() > deadline:
             break
+        if pinned:
+            await asyncio.sleep(0.1)
         batch = [_single_connection_client(broker) for _ in range(2 * missing + 4)]
         ports = [client_port(response) for response in await asyncio.gather(*(c.get("/healthz") for c in batch))]
         owners = workers_of(broker, ports)
