@@ -40,7 +40,7 @@ async def test_a_caller_at_10_per_second_gets_10_per_second_from_the_whole_fleet
 ) -> None:
     brokers = start_brokers(write_config(limited_caller(RATE, BURST)), count=2, workers=2)
     async with contextlib.AsyncExitStack() as stack:
-        pinned = [await pin_connections(broker, 2, stack, rounds=20) for broker in brokers]
+        pinned = [await pin_connections(broker, 2, stack) for broker in brokers]
         workers = [clients for by_pid in pinned for clients in by_pid.values()]
         assert len(workers) == 4
         # every worker's L1 holds the token (asked by the unlimited caller: the limit stays whole)
