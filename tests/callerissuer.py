@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -142,8 +143,6 @@ class CallerIssuerProcess:
         return f"{self.url}/issuers/{name}"
 
     def start(self) -> Self:
-        import tempfile  # noqa: PLC0415
-
         fd, log = tempfile.mkstemp(prefix="callerissuer-", suffix=".log")
         self._log = Path(log)
         with open(fd, "wb") as out:

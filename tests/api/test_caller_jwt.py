@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
+from joserfc import jwt
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import RSAKey
 from starlette.testclient import TestClient
@@ -325,8 +326,6 @@ def test_a_token_for_another_issuers_key_set_is_refused(
     assert_refused(jwt_client.get(TOKEN_URL, headers=bearer(forged)))
     # ... and with `other`'s kid on it, the signature does not verify
     header = {"alg": "RS256", "kid": other.key.kid}
-    from joserfc import jwt  # noqa: PLC0415
-
     relabelled = jwt.encode(header, other.claims(OTHER_ONLY_SUBJECT), cluster.key)
     assert_refused(jwt_client.get(TOKEN_URL, headers=bearer(relabelled)))
     assert reasons == ["unknown_kid", "signature"]

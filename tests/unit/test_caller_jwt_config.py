@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from broker.settings import parse_settings
 from broker.vault.models import CALLER_JWT_ALGORITHMS, CallerIssuerSettings, JWTSubject
 from tests.unit.test_settings import ENV, HASH_A, READ, config, only_problem, problems
 
@@ -20,8 +21,6 @@ def with_jwts(callers: dict[str, Any], **issuers: Any) -> dict[str, Any]:
 
 
 def test_a_caller_issuer_and_jwt_subjects_are_read() -> None:
-    from broker.settings import parse_settings  # noqa: PLC0415
-
     data = with_jwts(
         {
             "pods": {"jwt_subjects": [SUBJECT, {"issuer": "cluster", "subject": "x"}], "grants": {"payments": [READ]}},
@@ -40,8 +39,6 @@ def test_a_caller_issuer_and_jwt_subjects_are_read() -> None:
 
 
 def test_every_asymmetric_algorithm_is_allowed_by_default() -> None:
-    from broker.settings import parse_settings  # noqa: PLC0415
-
     issuer = parse_settings(with_jwts({}), ENV).caller_issuers["cluster"]
     assert issuer.algorithms == CALLER_JWT_ALGORITHMS
     assert issuer.jwks_uri is None  # from discovery
@@ -126,8 +123,6 @@ def test_a_subject_claimed_by_two_callers_is_a_problem(first: Any, second: Any) 
 
 
 def test_one_subject_from_two_issuers_may_name_two_callers() -> None:
-    from broker.settings import parse_settings  # noqa: PLC0415
-
     other = {"issuer": "https://token.actions.githubusercontent.com", "audience": "token-broker"}
     data = with_jwts(
         {
