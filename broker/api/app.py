@@ -217,6 +217,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             Route("/v1/admin/callers", admin.list_callers, methods=["GET"]),
             Route("/v1/admin/callers/{name}", admin.caller, methods=["GET", "PUT", "DELETE"]),
             Route("/v1/admin/callers/{name}/key", admin.new_key, methods=["POST"]),
+            Route("/v1/admin/caller_issuers", admin.list_caller_issuers, methods=["GET"]),
+            Route("/v1/admin/caller_issuers/{name}", admin.caller_issuer, methods=["GET", "PUT", "DELETE"]),
             *facade.ROUTES,
         ],
         middleware=[
