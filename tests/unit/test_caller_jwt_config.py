@@ -133,3 +133,18 @@ def test_one_subject_from_two_issuers_may_name_two_callers() -> None:
         other=other,
     )
     assert set(parse_settings(data, ENV).callers) == {"a", "b"}
+
+
+@pytest.mark.parametrize("url", ["https://[x/oauth", "http://[::1/jwks", "https://a]b/"])
+def test_a_url_urllib_cannot_split_is_a_problem_line_not_a_traceback(url: str) -> None:
+    """Defect: check_url called urlsplit unguarded, which raises ValueError ("Invalid IPv6 URL")
+    for a bracket without its pair: `check-config` and `serve` ended in a traceback, and the
+    admin API answered 500 (found by schemathesis on PUT /v1/admin/caller_issuers)."""
+    data = with_jwts({}, cluster={**CLUSTER, "jwks_uri": url})
+    data["credentials"]["payments"]["token_url"] = url
+    found = problems(data)
+    assert sorted(p.split(":")[0] for p in found) == [
+        "caller_issuers.cluster.jwks_uri",
+        "credentials.payments.token_url",
+    ]
+    assert all("must be an http(s) URL with a host" in p for p in found)
