@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,7 +29,8 @@ from structlog.testing import capture_logs
 
 from broker.api import create_app
 from broker.api.fastpath import FastPath
-from broker.caller_jwt import MAX_TOKEN_BYTES, CallerJWTs, JWTRefused, RefusalLog
+from broker.caller_jwt import KEYS_TTL_SECONDS, MAX_TOKEN_BYTES, CallerJWTs, JWTRefused, RefusalLog
+from broker.clock import FakeClock
 from broker.settings import load_settings
 from tests.api.helpers import WWW_AUTHENTICATE
 from tests.callerissuer import AUDIENCE, CallerIssuerProcess, Signer, new_key
@@ -389,3 +391,50 @@ def test_an_unreachable_issuer_is_a_refusal_not_an_error(
     with TestClient(create_app(settings), raise_server_exceptions=False) as client, capture_logs() as logs:
         assert_refused(client.get(TOKEN_URL, headers=bearer(gone.token(f"{SUBJECT}-gone"))))
     assert [e["issuer"] for e in logs if e["event"] == "caller_jwt.keys_unavailable"] == ["gone"]
+
+
+# -- remembered tokens end with the token, or when the key is withdrawn --------------------------
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(time.time())
+
+
+@pytest.fixture
+def clocked_client(
+    write_config: Callable[..., Path], cluster: Signer, other: Signer, clock: FakeClock
+) -> Iterator[TestClient]:
+    settings = load_settings(write_config(jwt_config(cluster, other)))
+    with TestClient(create_app(settings, clock=clock), raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_a_remembered_token_is_refused_once_it_expires(
+    clocked_client: TestClient, cluster: Signer, clock: FakeClock, reasons: list[str]
+) -> None:
+    token = cluster.token(SUBJECT, exp=int(clock.now()) + 60)
+    assert clocked_client.get(TOKEN_URL, headers=bearer(token)).status_code == 200
+    clock.advance(60 + 25)  # within the leeway: still good
+    assert clocked_client.get(TOKEN_URL, headers=bearer(token)).status_code == 200
+    clock.advance(10)
+    assert_refused(clocked_client.get(TOKEN_URL, headers=bearer(token)))
+    assert reasons == ["expired"]
+
+
+def test_a_key_withdrawn_by_the_issuer_stops_its_remembered_tokens_within_the_key_set_ttl(
+    clocked_client: TestClient,
+    cluster: Signer,
+    issuers: CallerIssuerProcess,
+    clock: FakeClock,
+    reasons: list[str],
+) -> None:
+    token = cluster.token(SUBJECT, exp=int(clock.now()) + 3600)
+    assert clocked_client.get(TOKEN_URL, headers=bearer(token)).status_code == 200
+    issuers.publish("cluster", Signer(cluster.issuer, cluster.keys[1:]))  # the RSA key withdrawn
+    clock.advance(KEYS_TTL_SECONDS - 1)
+    assert clocked_client.get(TOKEN_URL, headers=bearer(token)).status_code == 200  # remembered
+    clock.advance(2)
+    assert_refused(clocked_client.get(TOKEN_URL, headers=bearer(token)))
+    assert reasons == ["unknown_kid"]
+    assert issuers.stats("cluster")["jwks"] == 2
