@@ -14,7 +14,7 @@ middleware, which may await, calls `fetch` and verifies again. Fetches are bound
 and worker: the first one, then at most one every REFETCH_INTERVAL_SECONDS, whatever tokens are
 presented; a failed fetch keeps the last good keys.
 
-Every refusal is the one `JWTRefused` (401 `invalid_token`, "The caller token is not valid.");
+Every refusal is the one `JWTRefused` (broker/errors.py: 401 `invalid_token`, one sentence);
 which check failed is its `reason`, for operators: `RefusalLog` writes one line per reason per
 minute with the count, so a flood of garbage cannot fill a disk.
 """
@@ -39,7 +39,7 @@ from joserfc.jws import JWSRegistry
 from joserfc.jwt import JWTClaimsRegistry
 
 from broker.clock import Clock, SystemClock
-from broker.errors import InvalidCallerToken
+from broker.errors import JWTRefused
 from broker.vault.models import CALLER_JWT_ALGORITHMS, CallerIssuerSettings
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "REFETCH_INTERVAL_SECONDS",
     "CallerJWTs",
-    "JWTRefused",
     "KeysNeeded",
     "RefusalLog",
     "Verified",
@@ -63,23 +62,15 @@ REFETCH_INTERVAL_SECONDS = 10.0  # at most one refetch per issuer and worker in 
 FETCH_TIMEOUT_SECONDS = 3.0
 MAX_KEY_SET_BYTES = 64 * 1024
 MAX_VERIFIED = 10_000  # tokens remembered per worker
-REFUSED = "The caller token is not valid."
 _ALGORITHMS = frozenset(CALLER_JWT_ALGORITHMS)
 # Only for splitting a token and its sizes; each issuer's own registry allows its algorithms.
 _PARSING = JWSRegistry(strict_check_header=False)
 
 
-class JWTRefused(InvalidCallerToken):
-    """A caller JWT that is not accepted: one answer for every reason (`reason` is for the log)."""
-
-    def __init__(self, reason: str, **detail: str) -> None:
-        super().__init__(REFUSED)
-        self.reason = reason
-        self.detail = detail
-
-
 class KeysNeeded(JWTRefused):
     """Only fetching `issuer`'s key set can decide; a refusal wherever that cannot be awaited."""
+
+    facade = JWTRefused.facade
 
     def __init__(self, issuer: CallerIssuerSettings, since: float) -> None:
         super().__init__("keys_needed", issuer=issuer.name)

@@ -23,8 +23,8 @@ import secrets
 from collections.abc import Iterable, Mapping
 from typing import Generic, Protocol, TypeVar
 
-from broker.caller_jwt import CallerJWTs, JWTRefused, KeysNeeded
-from broker.errors import AccessDenied, InsufficientScope, InvalidCallerToken
+from broker.caller_jwt import CallerJWTs, KeysNeeded
+from broker.errors import AccessDenied, InsufficientScope, InvalidCallerToken, JWTRefused
 from broker.vault.models import CallerIssuerSettings, CallerSettings
 
 __all__ = ["KEY_PREFIX", "CallerRegistry", "KeyIndex", "hash_key", "new_caller_key"]

@@ -10,8 +10,8 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.caller_jwt import JWTRefused, RefusalLog
-from broker.errors import BrokerError, InvalidRequest
+from broker.caller_jwt import RefusalLog
+from broker.errors import BrokerError, InvalidRequest, JWTRefused
 from broker.logins import CALLBACK_PATH
 from broker.vault.registry import Registry
 

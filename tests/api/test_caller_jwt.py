@@ -29,8 +29,9 @@ from structlog.testing import capture_logs
 
 from broker.api import create_app
 from broker.api.fastpath import FastPath
-from broker.caller_jwt import KEYS_TTL_SECONDS, MAX_TOKEN_BYTES, CallerJWTs, JWTRefused, RefusalLog
+from broker.caller_jwt import KEYS_TTL_SECONDS, MAX_TOKEN_BYTES, CallerJWTs, RefusalLog
 from broker.clock import FakeClock
+from broker.errors import JWTRefused
 from broker.settings import load_settings
 from tests.api.helpers import WWW_AUTHENTICATE
 from tests.callerissuer import AUDIENCE, CallerIssuerProcess, Signer, new_key
