@@ -23,7 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench import chart, facade, fleet, hits, limited, memory, profile, stampede, wrk
+from bench import chart, facade, fleet, hits, jwt_hits, limited, memory, profile, stampede, wrk
 from bench.common import Caller, broker, broker_config, server, write_config
 from bench.hits import LatencySettings, hit_url
 from bench.wrk import WrkSettings
@@ -31,7 +31,7 @@ from tests.support import REPO_ROOT, AuthServerProcess
 
 T = TypeVar("T")
 EXIT_MISSED = 3  # ran to the end, but a target was missed (a crash exits 1)
-SCENARIOS = ("hits", "l2", "facade", "limited", "stampede", "fleet", "memory", "profile")
+SCENARIOS = ("hits", "l2", "facade", "limited", "jwt", "stampede", "fleet", "memory", "profile")
 
 
 @dataclass(frozen=True)
@@ -205,6 +205,18 @@ def _summary(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "pass": rl["pass"],
             }
         )
+    if "jwt" in result:
+        j = result["jwt"]
+        rows.append(
+            {
+                "figure": "hits with a caller JWT (1 worker): broker/baseline rps",
+                "value": j["jwt_ratio"],
+                "detail": f"JWT {j['jwt_rps']} vs caller key {j['key_rps']} vs baseline {j['baseline_rps']} rps;"
+                f" JWT/key {j['jwt_vs_key']}; {j['key_set_requests']} key set request(s)",
+                "target": f">= {j['target']}",
+                "pass": j["pass"],
+            }
+        )
     if "stampede" in result:
         s = result["stampede"]
         rows.append(
@@ -333,6 +345,15 @@ def run(mode: Mode, only: set[str], out: Path, given_redis: str | None) -> dict[
             result["limited"] = step(
                 "hits of a rate-limited caller",
                 lambda: limited.run(limited_config, caller, limited_caller, mode.rounds, mode.wrk),
+            )
+        if "jwt" in only:
+            _flush(redis)
+            base_text = broker_config(redis, authserver.token_url, caller)
+            result["jwt"] = step(
+                "hits with a caller JWT",
+                lambda: jwt_hits.run(
+                    lambda name, text: write_config(workdir, name, text), base_text, caller, mode.rounds, mode.wrk
+                ),
             )
         if "stampede" in only:
             _flush(redis)

@@ -7,6 +7,11 @@ of a 256-bit secret, so its timing reveals nothing usable about any key.
 The OAuth facade's clients present a caller name and key (`client_id`, `client_secret`): the key
 is looked up the same way and the name must then match, so an unknown name costs exactly what a
 wrong key costs (the name is never looked up by itself).
+
+Callers may send a JWT from a trusted issuer instead (spec §6.3): it is told from a key by its
+dots, verified by `broker.caller_jwt` (a token verified before costs one SHA-256), and its
+subject names the caller (`jwt_subjects`). One entry point, `CallerRegistry.authenticate`, for
+the fast path and the middleware alike; `authenticate_async` fetches a key set when needed.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import secrets
 from collections.abc import Iterable, Mapping
 from typing import Generic, Protocol, TypeVar
 
-from broker.errors import AccessDenied, InsufficientScope, InvalidCallerToken
-from broker.vault.models import CallerSettings
+from broker.caller_jwt import CallerJWTs, KeysNeeded
+from broker.errors import AccessDenied, InsufficientScope, InvalidCallerToken, JWTRefused
+from broker.vault.models import CallerIssuerSettings, CallerSettings
 
 __all__ = ["KEY_PREFIX", "CallerRegistry", "KeyIndex", "hash_key", "new_caller_key"]
 
@@ -74,6 +80,49 @@ class KeyIndex(Generic[K]):
 
 
 class CallerRegistry(KeyIndex[CallerSettings]):
+    """Callers by key hash, and by the subject of their JWTs from the trusted `issuers`."""
+
+    def __init__(
+        self,
+        entries: Iterable[CallerSettings] | Mapping[str, CallerSettings],
+        *,
+        issuers: Iterable[CallerIssuerSettings] = (),
+        jwts: CallerJWTs | None = None,
+    ) -> None:
+        callers: list[CallerSettings] = list(entries.values() if isinstance(entries, Mapping) else entries)
+        super().__init__(callers)
+        self.issuers = {issuer.issuer: issuer for issuer in issuers}  # by `iss`
+        self.jwts = jwts or CallerJWTs()
+        # (issuer name, sub) → caller; issuer None: the subject from any trusted issuer
+        self._by_subject: dict[tuple[str | None, str], CallerSettings] = {
+            (s.issuer, s.subject): c for c in callers for s in c.jwt_subjects
+        }
+
+    def authenticate(self, authorization: str | None, *, may_fetch: bool = True) -> CallerSettings:
+        """The caller of an `Authorization: Bearer <caller key or JWT>` header, or
+        InvalidCallerToken; KeysNeeded when only fetching a key set can tell (`authenticate_async`)."""
+        if authorization is not None:
+            scheme, _, token = authorization.partition(" ")
+            token = token.strip()
+            if "." in token and scheme.lower() == "bearer":  # a JWT: a caller key has no dot
+                digest = hashlib.sha256(token.encode("latin-1")).digest()
+                verified = self.jwts.verify(token, digest, self.issuers, may_fetch=may_fetch)
+                caller = self._by_subject.get((verified.issuer.name, verified.subject))
+                if caller is None:
+                    caller = self._by_subject.get((None, verified.subject))
+                if caller is None:
+                    raise JWTRefused("unknown_subject", issuer=verified.issuer.name, sub=verified.subject[:200])
+                return caller
+        return super().authenticate(authorization)
+
+    async def authenticate_async(self, authorization: str | None) -> CallerSettings:
+        """`authenticate`, fetching the issuer's key set once if that is what it takes."""
+        try:
+            return self.authenticate(authorization)
+        except KeysNeeded as need:
+            await self.jwts.fetch(need)
+        return self.authenticate(authorization, may_fetch=False)
+
     def authenticate_client(self, name: str, key: str) -> CallerSettings:
         """The caller `name` if `key` is its caller key (the facade's client_id and client_secret),
         or InvalidCallerToken, with one answer for an unknown name and a wrong key."""

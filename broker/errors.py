@@ -12,6 +12,9 @@ BrokerError                      500 server_error               500 server_error
 │   │                                                           or none and no default scopes
 │   ├── UnsupportedGrantType     400 unsupported_grant_type     400 unsupported_grant_type
 │   ├── InvalidCallerToken       401 invalid_token              401 invalid_client
+│   │   └── JWTRefused           401 invalid_token              401 invalid_client: a caller JWT not
+│   │       │                                                   accepted; one sentence for every reason
+│   │       └── KeysNeeded       (broker/caller_jwt.py) only a key set fetch can tell; answered as its parent
 │   ├── AccessDenied             403 access_denied              400 unauthorized_client (both: the same
 │   │                                                           answer whether or not the credential exists)
 │   ├── InsufficientScope        403 insufficient_scope         400 invalid_scope
@@ -47,6 +50,7 @@ __all__ = [
     "InvalidCallerToken",
     "InvalidRequest",
     "InvalidScope",
+    "JWTRefused",
     "NotFound",
     "RateLimited",
     "ReadOnly",
@@ -130,6 +134,18 @@ class InvalidCallerToken(CallerError):
     def facade_headers(self) -> dict[str, str]:
         # RFC 6749 §5.2: a 401 names the scheme the client may use; the facade takes Basic (or the body).
         return {"WWW-Authenticate": 'Basic realm="token-broker"'}
+
+
+class JWTRefused(InvalidCallerToken):
+    """A caller JWT that is not accepted (spec §6.3): one answer whatever the reason, so an answer
+    never tells which check failed; `reason` (and `detail`) are for the operators' log."""
+
+    facade = (401, "invalid_client")
+
+    def __init__(self, reason: str, **detail: str) -> None:
+        super().__init__("The caller token is not valid.")
+        self.reason = reason
+        self.detail = detail
 
 
 class AccessDenied(CallerError):

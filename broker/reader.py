@@ -140,8 +140,12 @@ def to_pair(value: Any) -> tuple[float, float]:
 
 
 def check_url(reader: Reader, key: str, url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. "Invalid IPv6 URL": a bracket without its pair
+        usable = False
+    if not usable:
         reader.problem(key, f"must be an http(s) URL with a host, got {url!r}")
     elif key.endswith("issuer") and (parts.query or parts.fragment):
         reader.problem(key, "must not carry a query or fragment")

@@ -21,7 +21,13 @@ from broker.errors import ConfigError
 from broker.reader import Reader, check_url, to_bool, to_float, to_int, to_pair, to_str
 from broker.redis_client import redact_url
 from broker.vault.keyring import KeyRing, KeyRingError
-from broker.vault.models import AdminSettings, CallerSettings, CredentialSettings, read_entries
+from broker.vault.models import (
+    AdminSettings,
+    CallerIssuerSettings,
+    CallerSettings,
+    CredentialSettings,
+    read_entries,
+)
 
 __all__ = [
     "CacheSettings",
@@ -113,6 +119,7 @@ class Settings:
     credentials: Mapping[str, CredentialSettings] = field(default_factory=dict)
     callers: Mapping[str, CallerSettings] = field(default_factory=dict)
     admins: Mapping[str, AdminSettings] = field(default_factory=dict)
+    caller_issuers: Mapping[str, CallerIssuerSettings] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     keyring: KeyRing | None = None  # None: no encryption key given (plaintext only with the insecure flag)
 
@@ -259,7 +266,7 @@ def parse_settings(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
     _env_overrides(data, env)
     r = Reader(env)
     known = {"server", "redis", "cache", "upstream", "vault", "facade", "credentials", "callers", "admins"}
-    r.unknown(data, known, "config")
+    r.unknown(data, known | {"caller_issuers"}, "config")
     server = _server(r, r.table(data, "server", "server"))
     redis = _redis(r, r.table(data, "redis", "redis"))
     cache = _cache(r, r.table(data, "cache", "cache"))
@@ -272,6 +279,7 @@ def parse_settings(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
         r.table(data, "credentials", "credentials"),
         r.table(data, "callers", "callers"),
         r.table(data, "admins", "admins"),
+        r.table(data, "caller_issuers", "caller_issuers"),
     )
     if r.problems:
         raise ConfigError(r.problems)
@@ -285,6 +293,7 @@ def parse_settings(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
         credentials=entries.credentials,
         callers=entries.callers,
         admins=entries.admins,
+        caller_issuers=entries.caller_issuers,
         warnings=tuple(r.warnings),
         keyring=keyring,
     )

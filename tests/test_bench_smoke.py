@@ -71,6 +71,12 @@ def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert limited["limited_rps"][0] > 0
     assert {"limited_ratio", "unlimited_ratio", "counting_cost", "pass"} <= set(limited)
 
+    jwt = result["jwt"]
+    assert jwt["jwt_rps"][0] > 0
+    assert jwt["errors"] == 0
+    assert jwt["key_set_requests"] == 1  # every hit after the first: the token remembered, no key set fetch
+    assert {"jwt_ratio", "key_ratio", "jwt_vs_key", "pass"} <= set(jwt)
+
     stampede = result["stampede"]
     assert stampede["upstream_requests"] == 1
     assert stampede["statuses"] == {"200": stampede["requests"]}

@@ -22,11 +22,21 @@ from broker.api.state import Broker
 from broker.callers import hash_key, new_caller_key
 from broker.errors import BrokerError, InvalidRequest, NotFound, ReadOnly
 from broker.secret import Secret
-from broker.vault.models import AdminSettings, CallerSettings, CredentialSettings
+from broker.vault.models import AdminSettings, CallerIssuerSettings, CallerSettings, CredentialSettings
 from broker.vault.registry import Snapshot
 from broker.vault.sync import Document
 
-__all__ = ["PREFIX", "AdminAuth", "caller", "credential", "list_callers", "list_credentials", "new_key"]
+__all__ = [
+    "PREFIX",
+    "AdminAuth",
+    "caller",
+    "caller_issuer",
+    "credential",
+    "list_caller_issuers",
+    "list_callers",
+    "list_credentials",
+    "new_key",
+]
 
 audit = structlog.get_logger("broker.audit")
 
@@ -102,10 +112,23 @@ def _credential_view(broker: Broker, snapshot: Snapshot, credential: CredentialS
 
 def _caller_view(snapshot: Snapshot, caller: CallerSettings) -> dict[str, Any]:
     grants = {name: sorted(scopes) for name, scopes in sorted(caller.grants.items())}
+    subjects = [
+        s.subject if s.issuer is None else {"issuer": s.issuer, "subject": s.subject} for s in caller.jwt_subjects
+    ]
     view: dict[str, Any] = {"name": caller.name, "source": snapshot.source("callers", caller.name), "grants": grants}
     if caller.rate_limit is not None:
         view["rate_limit_per_second"] = caller.rate_limit.per_second
         view["rate_limit_burst"] = caller.rate_limit.burst
+    view["jwt_subjects"] = subjects
+    view["has_key"] = bool(caller.key_sha256)
+    return view
+
+
+def _caller_issuer_view(snapshot: Snapshot, issuer: CallerIssuerSettings) -> dict[str, Any]:
+    view: dict[str, Any] = {"name": issuer.name, "source": snapshot.source("caller_issuers", issuer.name)}
+    view.update(issuer=issuer.issuer, audience=issuer.audience, algorithms=list(issuer.algorithms))
+    if issuer.jwks_uri is not None:
+        view["jwks_uri"] = issuer.jwks_uri
     return view
 
 
@@ -213,18 +236,24 @@ async def put_caller(request: Request) -> Response:
         raise InvalidRequest(f"callers.{name}.key_sha256: is set by the broker (POST {PREFIX}callers/{name}/key).")
     key = new_caller_key()
 
-    def edit(document: Document) -> bool:
+    def edit(document: Document) -> tuple[bool, bool]:
+        """(created, a new key made): a caller created with jwt_subjects gets no key (POST …/key adds one)."""
         existing = document.callers.get(name)
-        document.callers[name] = {**table, "key_sha256": existing["key_sha256"] if existing else hash_key(key)}
-        return existing is None
+        entry = dict(table)
+        if existing is not None and "key_sha256" in existing:
+            entry["key_sha256"] = existing["key_sha256"]
+        elif existing is None and "jwt_subjects" not in table:
+            entry["key_sha256"] = hash_key(key)
+        document.callers[name] = entry
+        return existing is None, existing is None and "key_sha256" in entry
 
-    created = await broker.vault.change(edit)
+    created, keyed = await broker.vault.change(edit)
     snapshot = broker.registry.snapshot
     view = _caller_view(snapshot, snapshot.caller_entries[name])
     _audit(request, "create" if created else "replace", "caller", name)
-    if created:
+    if keyed:
         return _json({**view, "caller_key": key}, 201)  # shown once; only its hash is kept
-    return _json(view)
+    return _json(view, 201 if created else 200)
 
 
 async def new_key(request: Request) -> Response:
@@ -255,9 +284,57 @@ async def delete_caller(request: Request) -> Response:
     return Response(status_code=204, headers=_NO_STORE)
 
 
+# -- caller issuers (spec §6.3) -------------------------------------------------------------------
+
+
+async def list_caller_issuers(request: Request) -> Response:
+    snapshot = _broker(request).registry.snapshot
+    views = [_caller_issuer_view(snapshot, i) for _, i in sorted(snapshot.caller_issuers.items())]
+    return _json({"caller_issuers": views})
+
+
+async def get_caller_issuer(request: Request) -> Response:
+    snapshot = _broker(request).registry.snapshot
+    issuer = snapshot.caller_issuers.get(_name(request))
+    if issuer is None:
+        raise NotFound(f"No caller issuer named {_name(request)}.")
+    return _json(_caller_issuer_view(snapshot, issuer))
+
+
+async def put_caller_issuer(request: Request) -> Response:
+    broker, name = _broker(request), _name(request)
+    _writable(broker.registry.snapshot, "caller_issuers", name)
+    table = await json_body(request, broker.settings.server.max_body_bytes)
+
+    def edit(document: Document) -> bool:
+        created = name not in document.caller_issuers
+        document.caller_issuers[name] = table
+        return created
+
+    created = await broker.vault.change(edit)
+    snapshot = broker.registry.snapshot
+    _audit(request, "create" if created else "replace", "caller_issuer", name)
+    return _json(_caller_issuer_view(snapshot, snapshot.caller_issuers[name]), 201 if created else 200)
+
+
+async def delete_caller_issuer(request: Request) -> Response:
+    """Refused (400, naming them) while API callers' subjects name the issuer."""
+    broker, name = _broker(request), _name(request)
+    _writable(broker.registry.snapshot, "caller_issuers", name)
+
+    def edit(document: Document) -> None:
+        if document.caller_issuers.pop(name, None) is None:
+            raise NotFound(f"No caller issuer named {name}.")
+
+    await broker.vault.change(edit)
+    _audit(request, "delete", "caller_issuer", name)
+    return Response(status_code=204, headers=_NO_STORE)
+
+
 # One route per resource (so a 405 lists every method of it in `Allow`), dispatched by method.
 _CREDENTIAL = {"GET": get_credential, "PUT": put_credential, "DELETE": delete_credential}
 _CALLER = {"GET": get_caller, "PUT": put_caller, "DELETE": delete_caller}
+_CALLER_ISSUER = {"GET": get_caller_issuer, "PUT": put_caller_issuer, "DELETE": delete_caller_issuer}
 
 
 async def credential(request: Request) -> Response:
@@ -266,3 +343,7 @@ async def credential(request: Request) -> Response:
 
 async def caller(request: Request) -> Response:
     return await _CALLER[request.method](request)
+
+
+async def caller_issuer(request: Request) -> Response:
+    return await _CALLER_ISSUER[request.method](request)

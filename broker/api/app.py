@@ -23,6 +23,7 @@ from broker.api.fastpath import FastPath
 from broker.api.middleware import CallerAuth, RequestLimits, RequestLog
 from broker.api.state import Broker, Health
 from broker.audit import AuditTrail
+from broker.caller_jwt import CallerJWTs
 from broker.clock import Clock, SystemClock
 from broker.entries import Codec
 from broker.errors import BrokerError, StoreBusy, StoreUnavailable
@@ -105,7 +106,10 @@ async def _watch_redis(store: Store, health: Health) -> None:
 
 def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: bool = True) -> Starlette:
     clock = clock or SystemClock()
-    registry = Registry(Entries(settings.credentials, settings.callers, settings.admins))
+    jwts = CallerJWTs(clock)
+    registry = Registry(
+        Entries(settings.credentials, settings.callers, settings.admins, settings.caller_issuers), jwts=jwts
+    )
     # L1 hits in pure ASGI; off with access_log, which logs every hit (broker/api/fastpath.py)
     fast = fast_path and not settings.server.access_log
 
@@ -121,6 +125,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         )
         store = Store(redis, prefix=settings.redis.key_prefix, codec=Codec(settings.keyring), clock=clock)
         http = new_http_client(settings.upstream)
+        jwts.use(http)  # caller JWTs: the issuers' key sets come through the one client too
         upstream = UpstreamClient(
             http,
             settings.upstream,
@@ -191,6 +196,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             await audit.stop()
             tokens.stats.flush(0)
             metrics.worker_exit()
+            jwts.use(None)
             await http.aclose()
             with contextlib.suppress(Exception):
                 await redis.aclose()
@@ -211,6 +217,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             Route("/v1/admin/callers", admin.list_callers, methods=["GET"]),
             Route("/v1/admin/callers/{name}", admin.caller, methods=["GET", "PUT", "DELETE"]),
             Route("/v1/admin/callers/{name}/key", admin.new_key, methods=["POST"]),
+            Route("/v1/admin/caller_issuers", admin.list_caller_issuers, methods=["GET"]),
+            Route("/v1/admin/caller_issuers/{name}", admin.caller_issuer, methods=["GET", "PUT", "DELETE"]),
             *facade.ROUTES,
         ],
         middleware=[

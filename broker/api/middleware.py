@@ -10,7 +10,8 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.errors import BrokerError, InvalidRequest
+from broker.caller_jwt import RefusalLog
+from broker.errors import BrokerError, InvalidRequest, JWTRefused
 from broker.logins import CALLBACK_PATH
 from broker.vault.registry import Registry
 
@@ -128,11 +129,14 @@ def _request_id(scope: Scope) -> str:
 
 class CallerAuth:
     """Authenticates callers on /v1/ routes (the admin API has its own keys); everything else
-    passes through untouched. Callers are read from the live registry on every request."""
+    passes through untouched. Callers are read from the live registry on every request; a caller
+    JWT whose issuer's key set must be fetched first is verified after the fetch. Why a JWT was
+    refused goes to the log, aggregated (`RefusalLog`); the answer never says."""
 
     def __init__(self, app: ASGIApp, *, registry: Registry) -> None:
         self.app = app
         self.registry = registry
+        self.refusals = RefusalLog(registry.jwts.clock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
@@ -151,8 +155,10 @@ class CallerAuth:
                 break
         state: dict[str, Any] = scope.setdefault("state", {})
         try:
-            caller = self.registry.snapshot.callers.authenticate(authorization)
+            caller = await self.registry.snapshot.callers.authenticate_async(authorization)
         except BrokerError as error:
+            if isinstance(error, JWTRefused):
+                self.refusals.record(error)
             state["error"] = error.code
             await send_error(send, error)
             return

@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,17 +19,21 @@ from broker.secret import Secret
 
 __all__ = [
     "AUTH_METHODS",
+    "CALLER_JWT_ALGORITHMS",
     "MAX_RATE_LIMIT_BURST",
     "MAX_RATE_LIMIT_PER_SECOND",
     "MIN_RATE_LIMIT_PER_SECOND",
     "NAME",
     "AdminSettings",
+    "CallerIssuerSettings",
     "CallerSettings",
     "CredentialSettings",
     "Entries",
+    "JWTSubject",
     "RateLimit",
     "read_admin",
     "read_caller",
+    "read_caller_issuer",
     "read_credential",
     "read_entries",
 ]
@@ -41,6 +45,22 @@ NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")  # credential, caller, admin names: 
 MIN_RATE_LIMIT_PER_SECOND = 0.001  # one request per 1000 s; slower is no rate limit but a quota
 MAX_RATE_LIMIT_PER_SECOND = 1_000_000
 MAX_RATE_LIMIT_BURST = 1_000_000
+# Asymmetric signatures only (spec §6.3): with `none` or HS*, an issuer's public key could act as
+# an HMAC secret, or no key at all would be needed.
+CALLER_JWT_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+    "Ed25519",
+)
+_MAX_SUBJECT = 1024
 
 
 MAX_CLIENT_SECRETS = 8
@@ -98,18 +118,38 @@ class RateLimit:
 
 
 @dataclass(frozen=True)
+class JWTSubject:
+    """A `sub` a caller is known by, from the caller issuer named (None: from any of them)."""
+
+    subject: str
+    issuer: str | None = None
+
+
+@dataclass(frozen=True)
 class CallerSettings:
     name: str
-    key_sha256: str  # lowercase hex; the key itself is never stored
+    key_sha256: str  # lowercase hex, "" for a caller known by its JWTs only; the key is never stored
     grants: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # authorization_code credentials: whose users' tokens this caller may read (spec §5.1)
     subjects: Mapping[str, str] = field(default_factory=dict)  # credential → "own" | "any"
+    jwt_subjects: tuple[JWTSubject, ...] = ()  # spec §6.3: the `sub`s of the caller's own JWTs
 
     def may_read_subject(self, credential: str, owners: frozenset[str]) -> bool:
         """ "own": subjects who logged in through this caller; "any": every subject of it."""
         return self.subjects.get(credential, "own") == "any" or self.name in owners
 
     rate_limit: RateLimit | None = None  # None: unlimited
+
+
+@dataclass(frozen=True)
+class CallerIssuerSettings:
+    """A trusted issuer of caller JWTs (spec §6.3), e.g. a Kubernetes cluster's service accounts."""
+
+    name: str
+    issuer: str  # the `iss` its tokens carry, exactly
+    audience: str  # tokens must name it in `aud`
+    jwks_uri: str | None = None  # None: from the issuer's discovery document
+    algorithms: tuple[str, ...] = CALLER_JWT_ALGORITHMS
 
 
 @dataclass(frozen=True)
@@ -123,6 +163,61 @@ def _key_digest(r: Reader, t: Mapping[str, Any], key: str, command: str) -> str:
     if len(digest) != 64 or not set(digest) <= _SHA256_HEX:
         r.problem(f"{key}.key_sha256", f"must be 64 hex characters ({command} prints it)")
     return digest
+
+
+def read_caller_issuer(r: Reader, name: str, t: Mapping[str, Any]) -> CallerIssuerSettings:
+    key = f"caller_issuers.{name}"
+    r.unknown(t, {"issuer", "jwks_uri", "audience", "algorithms"}, key)
+    issuer = r.value(t, "issuer", f"{key}.issuer", to_str, "", "a URL string")
+    if not issuer:
+        r.problem(f"{key}.issuer", "is required (the `iss` of its tokens)")
+    else:
+        check_url(r, f"{key}.issuer", issuer)
+    jwks_uri = r.value(t, "jwks_uri", f"{key}.jwks_uri", to_str, None, "a URL string")
+    if jwks_uri is not None:
+        check_url(r, f"{key}.jwks_uri", jwks_uri)
+    audience = r.value(t, "audience", f"{key}.audience", to_str, "", "a string")
+    if not audience:
+        r.problem(f"{key}.audience", "is required: tokens meant for another audience are refused")
+    algorithms = CALLER_JWT_ALGORITHMS
+    if "algorithms" in t:
+        raw = t["algorithms"]
+        if not isinstance(raw, list) or not raw or not all(isinstance(a, str) for a in raw):
+            r.problem(f"{key}.algorithms", "must be a non-empty list of strings")
+        elif refused := [a for a in raw if a not in CALLER_JWT_ALGORITHMS]:
+            r.problem(
+                f"{key}.algorithms",
+                f"{', '.join(map(repr, refused))} not allowed: asymmetric only, some of"
+                f" {', '.join(CALLER_JWT_ALGORITHMS)}",
+            )
+        else:
+            algorithms = tuple(dict.fromkeys(raw))
+    return CallerIssuerSettings(name, issuer, audience, jwks_uri, algorithms)
+
+
+def _jwt_subjects(r: Reader, t: Mapping[str, Any], key: str, issuers: Collection[str]) -> tuple[JWTSubject, ...]:
+    raw = t.get("jwt_subjects", [])
+    if not isinstance(raw, list):
+        r.problem(key, 'must be a list of subjects: "sub" or { issuer = "NAME", subject = "sub" }')
+        return ()
+    found: list[JWTSubject] = []
+    for i, item in enumerate(raw):
+        item_key = f"{key}[{i}]"
+        if isinstance(item, str):
+            subject, issuer = item, None
+        elif isinstance(item, dict) and set(item) == {"issuer", "subject"}:
+            subject, issuer = item["subject"], item["issuer"]
+            if not isinstance(issuer, str) or issuer not in issuers:
+                r.problem(item_key, f"unknown caller issuer {issuer!r} (a [caller_issuers.NAME] table)")
+                continue
+        else:
+            r.problem(item_key, 'must be "sub" or { issuer = "NAME", subject = "sub" }')
+            continue
+        if not isinstance(subject, str) or not 0 < len(subject) <= _MAX_SUBJECT:
+            r.problem(item_key, f"a subject is a string of 1-{_MAX_SUBJECT} characters")
+            continue
+        found.append(JWTSubject(subject, issuer))
+    return tuple(dict.fromkeys(found))
 
 
 _CREDENTIAL_KEYS = {
@@ -264,11 +359,22 @@ def _client_secrets(r: Reader, t: Mapping[str, Any], key: str) -> tuple[Secret, 
 
 
 def read_caller(
-    r: Reader, name: str, t: Mapping[str, Any], credentials: Mapping[str, Mapping[str, Any]]
+    r: Reader,
+    name: str,
+    t: Mapping[str, Any],
+    credentials: Mapping[str, Mapping[str, Any]],
+    issuers: Collection[str] = (),
 ) -> CallerSettings:
     key = f"callers.{name}"
-    r.unknown(t, {"key_sha256", "grants", "rate_limit_per_second", "rate_limit_burst"}, key)
-    digest = _key_digest(r, t, key, "token-broker caller-key")
+    r.unknown(t, {"key_sha256", "grants", "jwt_subjects", "rate_limit_per_second", "rate_limit_burst"}, key)
+    jwt_subjects = _jwt_subjects(r, t, f"{key}.jwt_subjects", issuers)
+    digest = ""
+    if "key_sha256" in t:
+        digest = _key_digest(r, t, key, "token-broker caller-key")
+    elif "jwt_subjects" not in t:
+        r.problem(key, "needs key_sha256 (token-broker caller-key prints it), jwt_subjects, or both")
+    elif t["jwt_subjects"] == []:
+        r.problem(f"{key}.jwt_subjects", "must name at least one subject when there is no key_sha256")
     grants: dict[str, frozenset[str]] = {}
     subjects: dict[str, str] = {}
     for credential, grant in r.table(t, "grants", f"{key}.grants").items():
@@ -297,7 +403,12 @@ def read_caller(
                     r.problem(gkey, f"scope {scope!r} is not allowed by credentials.{credential}.scopes")
         grants[credential] = frozenset(granted)
     return CallerSettings(
-        name=name, key_sha256=digest, grants=grants, subjects=subjects, rate_limit=_rate_limit(r, t, key)
+        name=name,
+        key_sha256=digest,
+        grants=grants,
+        subjects=subjects,
+        rate_limit=_rate_limit(r, t, key),
+        jwt_subjects=jwt_subjects,
     )
 
 
@@ -333,6 +444,7 @@ class Entries:
     credentials: Mapping[str, CredentialSettings]
     callers: Mapping[str, CallerSettings]
     admins: Mapping[str, AdminSettings]
+    caller_issuers: Mapping[str, CallerIssuerSettings] = field(default_factory=dict)
 
 
 def read_entries(
@@ -340,13 +452,17 @@ def read_entries(
     credentials: Mapping[str, Any],
     callers: Mapping[str, Any],
     admins: Mapping[str, Any],
+    caller_issuers: Mapping[str, Any] | None = None,
     *,
     known_credentials: Mapping[str, Mapping[str, Any]] | None = None,
     known_digests: Mapping[str, str] | None = None,
+    known_issuers: Mapping[str, CallerIssuerSettings] | None = None,
+    known_callers: Mapping[str, CallerSettings] | None = None,
 ) -> Entries:
-    """Read the `[credentials.*]`, `[callers.*]` and `[admins.*]` tables. `known_credentials` are
-    raw tables a caller's grants may also name (the config file's, for the admin API's entries);
-    `known_digests` are key hashes already in use (digest → "callers.NAME" or "admins.NAME")."""
+    """Read the `[credentials.*]`, `[callers.*]`, `[admins.*]` and `[caller_issuers.*]` tables.
+    The known_* arguments are the config file's entries, for the admin API's: raw credential
+    tables a caller's grants may also name, key hashes already in use (digest → "callers.NAME"
+    or "admins.NAME"), caller issuers a subject may name, callers whose subjects are taken."""
     found_credentials: dict[str, CredentialSettings] = {}
     tables: dict[str, Mapping[str, Any]] = dict(known_credentials or {})
     for name, table in _named_tables(r, credentials, "credentials", "credential"):
@@ -354,8 +470,15 @@ def read_entries(
         credential = read_credential(r, name, table)
         if credential is not None:
             found_credentials[name] = credential
+    found_issuers = {
+        name: read_caller_issuer(r, name, table)
+        for name, table in _named_tables(r, caller_issuers or {}, "caller_issuers", "caller issuer")
+    }
+    issuers = {**found_issuers, **(known_issuers or {})}
+    _unique_issuers(r, found_issuers, known_issuers or {})
     found_callers = {
-        name: read_caller(r, name, table, tables) for name, table in _named_tables(r, callers, "callers", "caller")
+        name: read_caller(r, name, table, tables, issuers)
+        for name, table in _named_tables(r, callers, "callers", "caller")
     }
     found_admins = {name: read_admin(r, name, table) for name, table in _named_tables(r, admins, "admins", "admin")}
     seen: dict[str, str] = dict(known_digests or {})
@@ -365,7 +488,35 @@ def read_entries(
         if digest and digest in seen:
             r.problem(f"{owner}.key_sha256", f"is the same as {seen[digest]}'s")
         seen.setdefault(digest, owner)
-    return Entries(found_credentials, found_callers, found_admins)
+    _unique_subjects(r, found_callers, known_callers or {})
+    return Entries(found_credentials, found_callers, found_admins, found_issuers)
+
+
+def _unique_issuers(
+    r: Reader, found: Mapping[str, CallerIssuerSettings], known: Mapping[str, CallerIssuerSettings]
+) -> None:
+    """One table per `iss`: a token names its issuer, and must find one audience and key set."""
+    seen = {issuer.issuer: name for name, issuer in known.items()}
+    for name, issuer in found.items():
+        other = seen.setdefault(issuer.issuer, name)
+        if other != name and issuer.issuer:
+            r.problem(f"caller_issuers.{name}.issuer", f"is the same as caller_issuers.{other}'s")
+
+
+def _unique_subjects(r: Reader, found: Mapping[str, CallerSettings], known: Mapping[str, CallerSettings]) -> None:
+    """A subject (from an issuer) identifies one caller: a subject two callers claim is a problem."""
+    claimed: dict[str, list[tuple[str | None, str]]] = {}
+    for caller in known.values():
+        for s in caller.jwt_subjects:
+            claimed.setdefault(s.subject, []).append((s.issuer, caller.name))
+    for caller in found.values():
+        for i, s in enumerate(caller.jwt_subjects):
+            owners = claimed.setdefault(s.subject, [])
+            for issuer, owner in owners:
+                if owner != caller.name and (issuer is None or s.issuer is None or issuer == s.issuer):
+                    r.problem(f"callers.{caller.name}.jwt_subjects[{i}]", f"{s.subject!r} is also callers.{owner}'s")
+                    break
+            owners.append((s.issuer, caller.name))
 
 
 def _named_tables(r: Reader, tables: Mapping[str, Any], section: str, what: str) -> list[tuple[str, Mapping[str, Any]]]:

@@ -42,16 +42,22 @@ class Document:
 
     credentials: dict[str, dict[str, Any]] = field(default_factory=dict)
     callers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    caller_issuers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, raw: bytes | None) -> Document:
         if raw is None:
             return cls()
         data = json.loads(raw)
-        return cls(credentials=dict(data.get("credentials", {})), callers=dict(data.get("callers", {})))
+        return cls(
+            credentials=dict(data.get("credentials", {})),
+            callers=dict(data.get("callers", {})),
+            caller_issuers=dict(data.get("caller_issuers", {})),
+        )
 
     def dumps(self) -> bytes:
-        return json.dumps({"credentials": self.credentials, "callers": self.callers}, sort_keys=True).encode()
+        document = {"credentials": self.credentials, "callers": self.callers, "caller_issuers": self.caller_issuers}
+        return json.dumps(document, sort_keys=True).encode()
 
     def entries(self, seed: Entries, env: Mapping[str, str]) -> tuple[Entries, list[str]]:
         """Validated exactly like the config file, against the config file's entries."""
@@ -60,7 +66,15 @@ class Document:
         digests = {c.key_sha256: f"callers.{c.name}" for c in seed.callers.values()}
         digests.update({a.key_sha256: f"admins.{a.name}" for a in seed.admins.values()})
         entries = read_entries(
-            reader, self.credentials, self.callers, {}, known_credentials=known, known_digests=digests
+            reader,
+            self.credentials,
+            self.callers,
+            {},
+            self.caller_issuers,
+            known_credentials=known,
+            known_digests=digests,
+            known_issuers=seed.caller_issuers,
+            known_callers=seed.callers,
         )
         return entries, reader.problems
 

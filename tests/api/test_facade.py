@@ -503,6 +503,7 @@ def test_every_error_in_the_tree_has_a_facade_rendering() -> None:
         "InvalidScope": (400, "invalid_scope"),
         "UnsupportedGrantType": (400, "unsupported_grant_type"),
         "InvalidCallerToken": (401, "invalid_client"),
+        "JWTRefused": (401, "invalid_client"),
         "AccessDenied": (400, "unauthorized_client"),
         "InsufficientScope": (400, "invalid_scope"),
         "NotFound": (404, "not_found"),

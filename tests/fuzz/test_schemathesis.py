@@ -135,11 +135,13 @@ def _count(response: schemathesis.Response) -> None:
 
 # A schema-valid credential table may still break a rule of the config file that a JSON schema
 # cannot state (default_scopes within scopes, exactly one of issuer and token_url, a reachable
-# { env = … }): the admin API answers those 400 in the config loader's words, as it must. So
-# does the login callback for a state that no login started.
+# { env = … }; an issuer's URL with a host, one table per `iss`): the admin API answers those 400
+# in the config loader's words, as it must. So does the login callback for a state that no login
+# started.
 SEMANTIC_VALIDATION = {
     "PUT /v1/admin/credentials/{name}",
     "PUT /v1/admin/callers/{name}",
+    "PUT /v1/admin/caller_issuers/{name}",
     "GET /v1/oauth/callback",  # a schema-valid state is still one nobody started: 400
 }
 
