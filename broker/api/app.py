@@ -165,6 +165,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             await audit.stop()
             tokens.stats.flush(0)
             metrics.worker_exit()
+            await upstream.aclose()
             await http.aclose()
             with contextlib.suppress(Exception):
                 await redis.aclose()
