@@ -23,7 +23,7 @@ import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from broker.secret_file import FileSecret
+from broker.secret_file import CHECK_EVERY, FileSecret
 
 __all__ = ["CertificateProblem", "ClientCertificate"]
 
@@ -56,11 +56,18 @@ class ClientCertificate:
 
     __slots__ = ("_ca", "_cert", "_key", "_loaded", "_reported")
 
-    def __init__(self, cert_file: str, key_file: str | None = None, ca_file: str | None = None) -> None:
+    def __init__(
+        self,
+        cert_file: str,
+        key_file: str | None = None,
+        ca_file: str | None = None,
+        *,
+        check_every: float = CHECK_EVERY,
+    ) -> None:
         """Reads and checks the files now: CertificateProblem naming the one that is wrong."""
-        self._cert = _open("tls_client_cert", cert_file)
-        self._key = _open("tls_client_key", key_file) if key_file else None
-        self._ca = _open("tls_ca_file", ca_file) if ca_file else None
+        self._cert = _open("tls_client_cert", cert_file, check_every)
+        self._key = _open("tls_client_key", key_file, check_every) if key_file else None
+        self._ca = _open("tls_ca_file", ca_file, check_every) if ca_file else None
         self._loaded = self._load(self._texts())
         self._reported: str | None = None
 
@@ -140,9 +147,9 @@ class ClientCertificate:
         raise TypeError("client certificates are not picklable")
 
 
-def _open(field: str, path: str) -> FileSecret:
+def _open(field: str, path: str, check_every: float) -> FileSecret:
     try:
-        return FileSecret(path)
+        return FileSecret(path, check_every=check_every)
     except OSError as exc:
         raise CertificateProblem(field, f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
