@@ -400,6 +400,18 @@ def _usable_url(url: str) -> bool:
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
 
+def _certificate_refused(exc: BaseException) -> str | None:
+    """Why the server's TLS certificate did not verify, if that is what the failure was."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx → httpcore → ssl: a short chain
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or "verification failed")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _exchange_failure(exc: Exception, server: str) -> UpstreamError:
     """What a failed HTTP exchange with `server` ("the authorization server…") stands for.
 
@@ -412,6 +424,9 @@ def _exchange_failure(exc: Exception, server: str) -> UpstreamError:
     maybe_sent = not isinstance(exc, _NOT_SENT)
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
         return UpstreamUnavailable(f"{subject} did not answer in time.", maybe_sent=maybe_sent)
+    if isinstance(exc, httpx.ConnectError) and (reason := _certificate_refused(exc)):
+        # a wrong CA (tls_ca_file) or host name: say so, rather than "could not be reached"
+        return UpstreamUnavailable(f"{subject}'s TLS certificate does not verify ({reason}).", maybe_sent=False)
     if isinstance(exc, httpx.TransportError):
         return UpstreamUnavailable(f"{subject} could not be reached ({name}).", maybe_sent=maybe_sent)
     if isinstance(exc, httpx.DecodingError):
