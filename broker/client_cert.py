@@ -18,7 +18,7 @@ import ssl
 from dataclasses import dataclass
 from datetime import datetime
 
-import certifi
+import httpx
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -117,7 +117,8 @@ class ClientCertificate:
         cert_text, key_text, ca_text = texts
         certificate = _check(cert_text, key_text, ca_text)
         cert_file, key_file, ca_file = self.files
-        context = ssl.create_default_context(cafile=ca_file or certifi.where())
+        # without a CA file, the CAs the shared HTTP client trusts (httpx's: certifi)
+        context = ssl.create_default_context(cafile=ca_file) if ca_file else httpx.create_ssl_context(trust_env=False)
         try:
             context.load_cert_chain(cert_file, key_file)
         except (ssl.SSLError, OSError) as exc:
