@@ -197,6 +197,7 @@ async def _probe(settings: Settings) -> int:
                 print(f"probe {credential.name}: FAILED {exc.code}: {exc.description}")
             else:
                 print(f"probe {credential.name}: ok, scope {token.scope!r}, lifetime {int(token.lifetime)} s")
+        await client.aclose()
     return 1 if failed else 0
 
 

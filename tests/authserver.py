@@ -42,6 +42,8 @@ from tests.authserver_http import CloseConnection as _CloseConnection
 from tests.authserver_http import OAuthError, control_body
 from tests.authserver_http import json_response as _json
 from tests.authserver_http import parse_form as _parse_form
+from tests.authserver_keyless import KeylessClients, TlsListener, peer_certificate
+from tests.authserver_keyless import serve as _serve_with_tls
 
 CLIENT_ID: Final = "test-client"
 CLIENT_SECRET: Final = "test-secret"
@@ -230,10 +232,12 @@ class TokenRequest:
 
 
 class AuthServer:
-    def __init__(self, issuer: str) -> None:
+    def __init__(self, issuer: str, tls_url: str | None = None) -> None:
         self.issuer = issuer.rstrip("/")
+        self.tls_url = tls_url  # the HTTPS listener (client certificates): mtls_endpoint_aliases
         self.keys = SigningKeys()
         self.state = State()
+        self.keyless = KeylessClients()  # tests/authserver_keyless.py: private_key_jwt, tls_client_auth
         self.codes = CodeFlow(self.issuer, self.keys, self._known_client)
         self.app = Starlette(
             routes=[
@@ -245,6 +249,7 @@ class AuthServer:
                 Route("/elsewhere", self.elsewhere, methods=["GET", "POST"]),
                 Route("/_control/config", self.control_config, methods=["POST"]),
                 Route("/_control/clients", self.control_clients, methods=["POST"]),
+                Route("/_control/keyless", self.control_keyless, methods=["POST"]),
                 Route("/_control/stats", self.control_stats),
                 Route("/_control/reset", self.control_reset, methods=["POST"]),
                 Route("/_control/health", self.control_health),
@@ -252,7 +257,20 @@ class AuthServer:
         )
 
     def _known_client(self, client_id: str) -> bool:
-        return client_id in self.state.clients
+        return client_id in self.state.clients or self.keyless.knows(client_id)
+
+    def _authenticated_client(self, req: TokenRequest, request: Request) -> str:
+        """The client a token or revocation request authenticated as: a keyless method, else a secret."""
+        if req.problem:
+            raise req.problem
+        base = self.tls_url if request.url.scheme == "https" and self.tls_url else self.issuer
+        client_id = self.keyless.authenticate(
+            req.form,
+            basic=req.auth == "basic",
+            certificate=peer_certificate(request),
+            endpoint=f"{base}{request.url.path}",
+        )
+        return client_id if client_id is not None else req.authenticated_client(self.state.clients)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> str | None:
         await self.app(scope, receive, send)
@@ -271,9 +289,17 @@ class AuthServer:
             "token_endpoint_auth_methods_supported": [
                 "client_secret_basic",
                 "client_secret_post",
+                "private_key_jwt",
+                *(["tls_client_auth"] if self.tls_url else []),
             ],
+            "token_endpoint_auth_signing_alg_values_supported": ["RS256", "PS256", "ES256"],
         }
         document |= self.codes.discovery()
+        if self.tls_url:
+            document["mtls_endpoint_aliases"] = {
+                "token_endpoint": f"{self.tls_url}/oauth/token",
+                "revocation_endpoint": f"{self.tls_url}/revoke",
+            }
         match self.state.config.discovery_fault:
             case "nested":
                 # A valid JSON document with one member nested NESTED_DEPTH arrays deep.
@@ -300,9 +326,12 @@ class AuthServer:
         config = state.config
         fault = state.take_fault()
         req = TokenRequest.read(request.headers, await request.body())
+        certificate = peer_certificate(request)
         record: dict[str, Any] = {
             "scope": req.form.get("scope"),
-            "auth": req.auth,
+            "auth": self.keyless.method(req.form, certificate) or req.auth,
+            "client_cert": certificate.subject.rfc4514_string() if certificate else None,
+            "url": str(request.url),
             "client_id": req.client_id,
             "form": {k: v for k, v in req.form.items() if k != "client_secret"},
             # the secret the client sent (this is the test server: rotation tests count by it)
@@ -317,7 +346,7 @@ class AuthServer:
             response = self._fault(fault)
         else:
             try:
-                client_id = req.authenticated_client(state.clients)
+                client_id = self._authenticated_client(req, request)
                 if req.form.get("grant_type") in CODE_GRANT_TYPES:
                     response = await self.codes.token(client_id, req.form, self._access_settings(config))
                 else:
@@ -341,7 +370,7 @@ class AuthServer:
         """RFC 7009 token revocation (tests/authserver_code.py); clients authenticate as at /oauth/token."""
         req = TokenRequest.read(request.headers, await request.body())
         try:
-            return self.codes.revoke(req.authenticated_client(self.state.clients), req.form)
+            return self.codes.revoke(self._authenticated_client(req, request), req.form)
         except OAuthError as exc:
             return exc.response()
 
@@ -469,6 +498,14 @@ class AuthServer:
         self.state.clients[client_id] = tuple(secrets)
         return JSONResponse({client: len(accepted) for client, accepted in self.state.clients.items()})
 
+    async def control_keyless(self, request: Request) -> Response:
+        """Register a client's public keys (private_key_jwt) or certificate subject (tls_client_auth):
+        tests/authserver_keyless.py KeylessClients.register."""
+        try:
+            return JSONResponse(self.keyless.register(await control_body(request)))
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, 400)
+
     async def control_stats(self, request: Request) -> Response:
         state = self.state
         return JSONResponse(
@@ -477,6 +514,7 @@ class AuthServer:
                 "discovery_requests": state.discovery_requests,
                 "jwks_requests": state.jwks_requests,
                 "elsewhere_requests": state.elsewhere_requests,
+                "assertion_replays": self.keyless.replays,
                 "requests": list(state.requests),
                 **self.codes.stats(),
             }
@@ -485,6 +523,7 @@ class AuthServer:
     async def control_reset(self, request: Request) -> Response:
         self.state.reset()
         self.codes.reset()
+        self.keyless.reset()
         return JSONResponse(self._config_json())
 
     async def control_health(self, request: Request) -> Response:
@@ -495,8 +534,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    # an HTTPS listener beside it, for tls_client_auth (tests/authserver_keyless.py)
+    parser.add_argument("--tls-port", type=int)
+    parser.add_argument("--tls-cert", help="the HTTPS listener's certificate (PEM)")
+    parser.add_argument("--tls-key", help="its private key (PEM)")
+    parser.add_argument("--client-ca", help="the CA client certificates must chain to (PEM)")
     args = parser.parse_args(argv)
-    server = AuthServer(f"http://{args.host}:{args.port}")
+    tls_url = f"https://{args.host}:{args.tls_port}" if args.tls_port else None
+    server = AuthServer(f"http://{args.host}:{args.port}", tls_url)
+    if args.tls_port:
+        _serve_with_tls(
+            server, args.host, args.port, TlsListener(args.tls_port, args.tls_cert, args.tls_key, args.client_ca)
+        )
+        return
     uvicorn.run(
         server,
         host=args.host,

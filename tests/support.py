@@ -7,6 +7,7 @@ import html.parser
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from tests.authserver import (
     WEIRD_CLIENT_SECRET,
 )
 from tests.authserver_login import DEFAULT_USERS
+from tests.support_keyless import TlsFiles
 
 __all__ = [
     "CLIENTS",
@@ -93,11 +95,12 @@ def wait_http(
     timeout: float = 15.0,
     proc: subprocess.Popen[Any] | None = None,
     log_path: Path | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> None:
     """Poll until GET url answers below 500; fail early, with its output, if proc exits."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
-    with httpx.Client(timeout=2.0, trust_env=False) as client:
+    with httpx.Client(timeout=2.0, trust_env=False, verify=verify) as client:
         while True:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(
@@ -119,10 +122,13 @@ def wait_http(
 
 
 class AuthServerProcess:
-    """tests/authserver.py in a child process. ``url`` is the issuer, final once started."""
+    """tests/authserver.py in a child process. ``url`` is the issuer, final once started. With
+    `tls` (tests/support_keyless.py), an HTTPS listener beside it at ``tls_url`` takes client
+    certificates (tls_client_auth), and discovery names it in ``mtls_endpoint_aliases``."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, tls: TlsFiles | None = None) -> None:
         self._fixed_port = port is not None
+        self.tls = tls
         self._set_port(port if port is not None else free_port())
         self.log_path: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -132,6 +138,8 @@ class AuthServerProcess:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.token_url = f"{self.url}/oauth/token"
+        self.tls_port = free_port() if self.tls is not None else None
+        self.tls_url = f"https://127.0.0.1:{self.tls_port}" if self.tls_port else None
 
     def start(self) -> Self:
         if self._proc is not None:
@@ -155,7 +163,7 @@ class AuthServerProcess:
         self.log_path = Path(name)
         with os.fdopen(fd, "wb") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.authserver", "--port", str(self.port)],
+                [sys.executable, "-m", "tests.authserver", "--port", str(self.port), *self._tls_args()],
                 cwd=REPO_ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -163,6 +171,21 @@ class AuthServerProcess:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         wait_http(f"{self.url}/_control/health", proc=self._proc, log_path=self.log_path)
+        if self.tls is not None:
+            wait_http(
+                f"{self.tls_url}/_control/health",
+                proc=self._proc,
+                log_path=self.log_path,
+                verify=ssl.create_default_context(cafile=self.tls.server_ca_file),
+            )
+
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            *("--tls-port", str(self.tls_port), "--tls-cert", self.tls.server_cert_file),
+            *("--tls-key", self.tls.server_key_file, "--client-ca", self.tls.client_ca_file),
+        ]
 
     def stop(self) -> None:
         if self._client is not None:
@@ -215,6 +238,13 @@ class AuthServerProcess:
         """From now on `client_id` authenticates with any of `secrets` (and no other)."""
         response = self._http().post("/_control/clients", json={"client_id": client_id, "secrets": list(secrets)})
         response.raise_for_status()
+
+    def register_keyless(self, client_id: str = CLIENT_ID, **registration: Any) -> dict[str, Any]:
+        """Register how `client_id` authenticates without a secret (tests/authserver_keyless.py):
+        `jwks={"keys": [public JWKs]}` (private_key_jwt) and/or `tls_client_auth_subject_dn="CN=…"`
+        (tls_client_auth); None turns that method off. Gone after reset()."""
+        result: dict[str, Any] = self._control("keyless", {"client_id": client_id, **registration})
+        return result
 
     def requests_by_secret(self) -> list[tuple[str | None, int | None]]:
         """(secret sent, HTTP status answered) of each token request, oldest first."""

@@ -105,9 +105,37 @@ def _credential_view(broker: Broker, snapshot: Snapshot, credential: CredentialS
     view["extra_params"] = dict(credential.extra_params)
     if len(credential.client_secrets) == 1:
         view["client_secret"] = _secret_view(broker, credential.client_secret)
-    else:  # rotating (spec §6.5): in the order they are tried
+    elif credential.client_secrets:  # rotating (spec §6.5): in the order they are tried
         view["client_secrets"] = [_secret_view(broker, secret) for secret in credential.client_secrets]
+    if credential.private_key is not None:  # private_key_jwt: the key only as a fingerprint
+        signing = credential.private_key.current()
+        view["private_key"] = _secret_view(broker, credential.private_key.secret)
+        view["signing_alg"] = signing.algorithm
+        if signing.key_id is not None:
+            view["key_id"] = signing.key_id
+    if credential.tls_client is not None:  # tls_client_auth: file names, and what the certificate says
+        cert_file, key_file, ca_file = credential.tls_client.files
+        view["tls_client_cert"] = {
+            "from": f"file:{cert_file}",
+            "subject": credential.tls_client.subject,
+            "not_after": credential.tls_client.not_after.isoformat().replace("+00:00", "Z"),
+        }
+        if key_file is not None:
+            view["tls_client_key"] = {"from": f"file:{key_file}"}
+        if ca_file is not None:
+            view["tls_ca_file"] = {"from": f"file:{ca_file}"}
     return view
+
+
+def _secret_fingerprints(view: dict[str, Any]) -> list[str] | str | None:
+    """What the audit event names the credential's secret by: fingerprints, never values."""
+    if "client_secrets" in view:
+        return [v["fingerprint"] for v in view["client_secrets"]]
+    for field in ("client_secret", "private_key"):
+        if field in view:
+            fingerprint: str = view[field]["fingerprint"]
+            return fingerprint
+    return None  # tls_client_auth: nothing secret is stored, the key stays in its file
 
 
 def _caller_view(snapshot: Snapshot, caller: CallerSettings) -> dict[str, Any]:
@@ -182,11 +210,7 @@ async def put_credential(request: Request) -> Response:
     snapshot = broker.registry.snapshot
     credential = snapshot.credentials[name]
     view = _credential_view(broker, snapshot, credential)
-    secret_fp = (
-        [v["fingerprint"] for v in view["client_secrets"]]
-        if "client_secrets" in view
-        else view["client_secret"]["fingerprint"]
-    )
+    secret_fp = _secret_fingerprints(view)
     _audit(request, "create" if created else "replace", "credential", name, secret_fp=secret_fp)
     return _json(view, 201 if created else 200)
 

@@ -197,6 +197,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             tokens.stats.flush(0)
             metrics.worker_exit()
             jwts.use(None)
+            await upstream.aclose()
             await http.aclose()
             with contextlib.suppress(Exception):
                 await redis.aclose()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +19,11 @@ from broker.clock import Clock, SystemClock
 from broker.entries import fingerprint
 from broker.errors import UpstreamError, UpstreamInvalidResponse, UpstreamRejected, UpstreamUnavailable
 from broker.metrics import observe_upstream
+from broker.secret import Secret
 from broker.settings import UpstreamSettings
 from broker.upstream.auth import client_auth_for
 from broker.upstream.breaker import CircuitBreaker
+from broker.upstream.mtls import MutualTlsClients
 from broker.upstream.response import (
     MAX_BODY_BYTES,
     FetchedToken,
@@ -36,9 +41,11 @@ _BACKOFF_BASE = 0.2
 _BACKOFF_CAP = 5.0
 
 
-def new_http_client(settings: UpstreamSettings) -> httpx.AsyncClient:
-    """The one shared HTTP client of a process: timeouts, a pool, no redirects, no env proxies."""
+def new_http_client(settings: UpstreamSettings, *, verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
+    """The one shared HTTP client of a process: timeouts, a pool, no redirects, no env proxies.
+    Made the same way, with the TLS context of a client certificate, for tls_client_auth."""
     return httpx.AsyncClient(
+        verify=verify,
         timeout=httpx.Timeout(settings.timeout_seconds, connect=settings.connect_timeout_seconds),
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
         follow_redirects=False,
@@ -56,6 +63,9 @@ class Discovery:
     jwks_uri: str | None = None
     revocation_endpoint: str | None = None
     id_token_algorithms: tuple[str, ...] = ("RS256",)  # OIDC Discovery's default
+    # RFC 8705 §5 `mtls_endpoint_aliases`: where clients that present a certificate go instead
+    mtls_token_endpoint: str | None = None
+    mtls_revocation_endpoint: str | None = None
 
 
 @dataclass
@@ -101,6 +111,34 @@ class UpstreamClient:
         self._breakers: dict[str, CircuitBreaker] = {}
         # Without a store (check-config --probe, unit tests) this process remembers for itself.
         self.rotation = rotation or SecretRotation(None, fingerprint)
+        self.mtls = MutualTlsClients(lambda context: new_http_client(settings, verify=context))
+
+    async def aclose(self) -> None:
+        """Shutdown: close the HTTP clients of client certificates (the shared one is the caller's)."""
+        await self.mtls.aclose()
+
+    @contextlib.asynccontextmanager
+    async def http_for(self, credential: CredentialSettings) -> AsyncIterator[httpx.AsyncClient]:
+        """The HTTP client for the credential's requests to the token (or revocation) endpoint:
+        its own for a TLS client certificate, else the shared one."""
+        if credential.tls_client is None:
+            yield self.http
+            return
+        async with self.mtls.client(credential.tls_client) as http:
+            yield http
+
+    def authenticate(
+        self,
+        credential: CredentialSettings,
+        secret: Secret | None,
+        form: dict[str, str],
+        headers: dict[str, str],
+        endpoint: str,
+    ) -> None:
+        """Add the client authentication to one request about to be sent to `endpoint`."""
+        client_auth_for(credential.auth_method).apply(
+            credential, secret, form, headers, endpoint=endpoint, now=self.clock.now()
+        )
 
     def forget(self, credentials: set[str]) -> None:
         """These credentials changed: their circuit breakers start closed, discovery anew."""
@@ -198,7 +236,7 @@ class UpstreamClient:
         """One POST to the token endpoint (any grant), the client authenticated; its answer read."""
         token_url = await self.token_endpoint(credential, deadline)
         headers: dict[str, str] = {}
-        client_auth_for(credential.auth_method).apply(credential, plan.secret, form, headers)
+        self.authenticate(credential, plan.secret, form, headers, token_url)
         # which of several secrets (the field name must not say "secret": the redactor masks those)
         using = {"using": f"client_secrets[{plan.index}]"} if plan.rotating else {}
 
@@ -206,12 +244,15 @@ class UpstreamClient:
         started = time.monotonic()
         status: int | str = "error"
         try:
-            async with asyncio.timeout_at(self.loop_deadline(deadline)):
-                async with self.http.stream("POST", token_url, data=form, headers=headers) as response:
-                    status = response.status_code
-                    body = await _Body.read(response)
-                    content_type = response.headers.get("content-type")
-                    retry_after = response.headers.get("retry-after")
+            async with (
+                asyncio.timeout_at(self.loop_deadline(deadline)),
+                self.http_for(credential) as http,
+                http.stream("POST", token_url, data=form, headers=headers) as response,
+            ):
+                status = response.status_code
+                body = await _Body.read(response)
+                content_type = response.headers.get("content-type")
+                retry_after = response.headers.get("retry-after")
         except UpstreamError:
             raise
         except Exception as exc:
@@ -248,7 +289,27 @@ class UpstreamClient:
         return loop.time() + (deadline - time.monotonic())
 
     async def token_endpoint(self, credential: CredentialSettings, deadline: float) -> str:
-        return (await self.discovery(credential, deadline)).token_endpoint
+        """Where the credential's token requests go: for tls_client_auth, the mTLS alias if any."""
+        discovery = await self.discovery(credential, deadline)
+        return self._for_method(credential, discovery.token_endpoint, discovery.mtls_token_endpoint)
+
+    async def revocation_endpoint(self, credential: CredentialSettings, deadline: float) -> str | None:
+        discovery = await self.discovery(credential, deadline)
+        if discovery.revocation_endpoint is None:
+            return None
+        return self._for_method(credential, discovery.revocation_endpoint, discovery.mtls_revocation_endpoint)
+
+    @staticmethod
+    def _for_method(credential: CredentialSettings, endpoint: str, mtls_alias: str | None) -> str:
+        if credential.tls_client is None:
+            return endpoint
+        endpoint = mtls_alias or endpoint
+        if not endpoint.startswith("https://"):
+            raise UpstreamInvalidResponse(
+                "The authorization server's endpoint for tls_client_auth is not https (and discovery names no"
+                " mtls_endpoint_aliases): there is no TLS connection to present the client certificate on."
+            )
+        return endpoint
 
     async def discovery(self, credential: CredentialSettings, deadline: float) -> Discovery:
         if credential.token_url:
@@ -305,6 +366,13 @@ class UpstreamClient:
             for name in ("authorization_endpoint", "jwks_uri", "revocation_endpoint")
             for value in [doc.get(name)]
         }
+        aliases = doc.get("mtls_endpoint_aliases")
+        aliases = aliases if isinstance(aliases, dict) else {}
+        mtls = {
+            name: value if isinstance(value, str) and _usable_url(value) else None
+            for name in ("token_endpoint", "revocation_endpoint")
+            for value in [aliases.get(name)]
+        }
         algorithms = doc.get("id_token_signing_alg_values_supported")
         if not isinstance(algorithms, list) or not all(isinstance(a, str) for a in algorithms) or not algorithms:
             algorithms = ["RS256"]
@@ -314,6 +382,8 @@ class UpstreamClient:
             jwks_uri=urls["jwks_uri"],
             revocation_endpoint=urls["revocation_endpoint"],
             id_token_algorithms=tuple(a for a in algorithms if a != "none"),
+            mtls_token_endpoint=mtls["token_endpoint"],
+            mtls_revocation_endpoint=mtls["revocation_endpoint"],
         )
 
 
@@ -330,6 +400,18 @@ def _usable_url(url: str) -> bool:
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
 
+def _certificate_refused(exc: BaseException) -> str | None:
+    """Why the server's TLS certificate did not verify, if that is what the failure was."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx → httpcore → ssl: a short chain
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or "verification failed")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _exchange_failure(exc: Exception, server: str) -> UpstreamError:
     """What a failed HTTP exchange with `server` ("the authorization server…") stands for.
 
@@ -342,6 +424,9 @@ def _exchange_failure(exc: Exception, server: str) -> UpstreamError:
     maybe_sent = not isinstance(exc, _NOT_SENT)
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
         return UpstreamUnavailable(f"{subject} did not answer in time.", maybe_sent=maybe_sent)
+    if isinstance(exc, httpx.ConnectError) and (reason := _certificate_refused(exc)):
+        # a wrong CA (tls_ca_file) or host name: say so, rather than "could not be reached"
+        return UpstreamUnavailable(f"{subject}'s TLS certificate does not verify ({reason}).", maybe_sent=False)
     if isinstance(exc, httpx.TransportError):
         return UpstreamUnavailable(f"{subject} could not be reached ({name}).", maybe_sent=maybe_sent)
     if isinstance(exc, httpx.DecodingError):

@@ -60,8 +60,9 @@ class SecretPlan:
         return self.order[self._at]
 
     @property
-    def secret(self) -> Secret:
-        return self.secrets[self.index]
+    def secret(self) -> Secret | None:
+        """The secret to send now; None for a keyless credential (private_key_jwt, tls_client_auth)."""
+        return self.secrets[self.index] if self.secrets else None
 
     @property
     def rotating(self) -> bool:
@@ -88,7 +89,7 @@ class SecretRotation:
 
     async def plan(self, credential: CredentialSettings, deadline: float) -> SecretPlan:
         secrets = tuple(Secret(s.reveal(), s.source) for s in credential.client_secrets)
-        if len(secrets) == 1:
+        if len(secrets) <= 1:  # one secret, or none (a keyless method): nothing to rotate
             return SecretPlan(secrets, [0])
         fingerprints = [self.fingerprint(s.reveal()) for s in secrets]
         secrets_id = hashlib.sha256("\n".join(fingerprints).encode()).hexdigest()[:32]
@@ -134,7 +135,7 @@ class SecretRotation:
                 "upstream.client_secret_fallback",
                 credential=name,
                 using=f"client_secrets[{index}]",
-                using_from=plan.secret.source,
+                using_from=plan.secrets[index].source,
                 refused=refused,
                 note="the authorization server refused the first secret: finish the rotation",
             )

@@ -11,7 +11,6 @@ import asyncio
 import structlog
 
 from broker.errors import UpstreamError, UpstreamInvalidResponse, UpstreamUnavailable
-from broker.upstream.auth import client_auth_for
 from broker.upstream.client import UpstreamClient
 from broker.upstream.response import FetchedToken
 from broker.vault.models import CredentialSettings
@@ -90,16 +89,19 @@ class UserGrants:
     async def revoke(self, credential: CredentialSettings, token: str, deadline: float) -> bool:
         """RFC 7009: revoke a refresh token (and with it, at most servers, its grant). False when
         the issuer advertises no revocation endpoint or did not confirm."""
-        discovery = await self.upstream.discovery(credential, deadline)
-        if not discovery.revocation_endpoint:
+        endpoint = await self.upstream.revocation_endpoint(credential, deadline)
+        if endpoint is None:
             return False
         form = {"token": token, "token_type_hint": "refresh_token"}
         headers: dict[str, str] = {}
         plan = await self.upstream.rotation.plan(credential, deadline)
-        client_auth_for(credential.auth_method).apply(credential, plan.secret, form, headers)
+        self.upstream.authenticate(credential, plan.secret, form, headers, endpoint)
         try:
-            async with asyncio.timeout_at(self.upstream.loop_deadline(deadline)):
-                response = await self.upstream.http.post(discovery.revocation_endpoint, data=form, headers=headers)
+            async with (
+                asyncio.timeout_at(self.upstream.loop_deadline(deadline)),
+                self.upstream.http_for(credential) as http,
+            ):
+                response = await http.post(endpoint, data=form, headers=headers)
         except Exception as exc:  # noqa: BLE001 - best effort: the caller forgets the subject anyway
             log.warning("upstream.revocation_failed", credential=credential.name, reason=type(exc).__name__)
             return False

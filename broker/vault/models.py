@@ -14,8 +14,11 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.client_cert import ClientCertificate
+from broker.client_key import ClientKey
 from broker.reader import Reader, check_url, scope_list, to_float, to_int, to_str
 from broker.secret import Secret
+from broker.vault.keyless import KEYLESS_FIELDS, KEYLESS_METHODS, read_keyless
 
 __all__ = [
     "AUTH_METHODS",
@@ -24,6 +27,7 @@ __all__ = [
     "MAX_RATE_LIMIT_PER_SECOND",
     "MIN_RATE_LIMIT_PER_SECOND",
     "NAME",
+    "SECRET_METHODS",
     "AdminSettings",
     "CallerIssuerSettings",
     "CallerSettings",
@@ -38,8 +42,8 @@ __all__ = [
     "read_entries",
 ]
 
-AUTH_METHODS = ("client_secret_basic", "client_secret_post")
-_PLANNED_AUTH_METHODS = ("private_key_jwt", "tls_client_auth")
+SECRET_METHODS = ("client_secret_basic", "client_secret_post")
+AUTH_METHODS = (*SECRET_METHODS, *KEYLESS_METHODS)
 _SHA256_HEX = frozenset("0123456789abcdef")
 NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")  # credential, caller, admin names: URL path segments, Redis hash tags
 MIN_RATE_LIMIT_PER_SECOND = 0.001  # one request per 1000 s; slower is no rate limit but a quota
@@ -70,8 +74,8 @@ MAX_CLIENT_SECRETS = 8
 class CredentialSettings:
     name: str
     client_id: str
-    # `client_secret`, or `client_secrets` in the order to try them (spec §6.5). Not part of the
-    # shape: rotating a secret keeps the cached tokens.
+    # `client_secret`, or `client_secrets` in the order to try them (spec §6.5); none for the
+    # keyless methods. Not part of the shape: rotating a secret keeps the cached tokens.
     client_secrets: tuple[Secret, ...]
     token_url: str | None = None
     issuer: str | None = None
@@ -84,6 +88,10 @@ class CredentialSettings:
     grant: str = "client_credentials"  # or "authorization_code": users log in (spec §5)
     return_to_allow: tuple[str, ...] = ()  # URL prefixes a login may send the browser back to
     rotation_grace_seconds: float = 0.0  # a refresh whose answer was lost is retried only this long
+    # The keyless methods' key and certificate (spec §6.7). Not part of the shape either: rotating
+    # a key or certificate file keeps the cached tokens.
+    private_key: ClientKey | None = None  # private_key_jwt
+    tls_client: ClientCertificate | None = None  # tls_client_auth
     # A fingerprint of every field that shapes a token: part of every Redis key of the credential,
     # so a changed credential (or another deployment's) never serves the old one's tokens.
     shape: str = field(init=False, repr=False, compare=False)
@@ -235,6 +243,7 @@ _CREDENTIAL_KEYS = {
     "grant",
     "return_to_allow",
     "rotation_grace_seconds",
+    *KEYLESS_FIELDS,
 }
 GRANTS = ("client_credentials", "authorization_code")
 _RESERVED_FORM_FIELDS = {
@@ -242,6 +251,8 @@ _RESERVED_FORM_FIELDS = {
     "scope",
     "client_id",
     "client_secret",
+    "client_assertion",
+    "client_assertion_type",
     "audience",
     "resource",
 }
@@ -261,14 +272,17 @@ def read_credential(r: Reader, name: str, t: Mapping[str, Any]) -> CredentialSet
     if not client_id:
         r.problem(f"{key}.client_id", "is required")
     auth_method = r.value(t, "auth_method", f"{key}.auth_method", to_str, "client_secret_basic", "a string")
-    if auth_method in _PLANNED_AUTH_METHODS:
-        r.problem(
-            f"{key}.auth_method",
-            f"{auth_method} is not supported yet; use one of {', '.join(AUTH_METHODS)}",
-        )
-    elif auth_method not in AUTH_METHODS:
+    if auth_method not in AUTH_METHODS:
         r.problem(f"{key}.auth_method", f"must be one of {', '.join(AUTH_METHODS)}, got {auth_method!r}")
-    secrets = _client_secrets(r, t, key)
+    secrets: tuple[Secret, ...] = ()
+    if auth_method in KEYLESS_METHODS:
+        what = "a private key" if auth_method == "private_key_jwt" else "a TLS client certificate"
+        for field_name in ("client_secret", "client_secrets"):
+            if field_name in t:
+                r.problem(f"{key}.{field_name}", f'is not used with auth_method = "{auth_method}": it uses {what}')
+    else:
+        secrets = _client_secrets(r, t, key)
+    keyless = read_keyless(r, key, t, auth_method, token_url)
     allowed = scope_list(r, t, "scopes", f"{key}.scopes")
     defaults = scope_list(r, t, "default_scopes", f"{key}.default_scopes")
     for scope in defaults:
@@ -281,7 +295,7 @@ def read_credential(r: Reader, name: str, t: Mapping[str, Any]) -> CredentialSet
         elif field_name in _RESERVED_FORM_FIELDS:
             r.problem(f"{key}.extra_params.{field_name}", "is set by the broker itself")
     grant, return_to_allow, grace = _user_login(r, key, t, issuer)
-    if not secrets:
+    if not (secrets or auth_method in KEYLESS_METHODS) or not keyless.usable:
         return None
     return CredentialSettings(
         name=name,
@@ -298,6 +312,8 @@ def read_credential(r: Reader, name: str, t: Mapping[str, Any]) -> CredentialSet
         grant=grant,
         return_to_allow=return_to_allow,
         rotation_grace_seconds=grace,
+        private_key=keyless.private_key,
+        tls_client=keyless.certificate,
     )
 
 

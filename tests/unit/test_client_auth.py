@@ -14,13 +14,15 @@ from broker.secret import Secret
 from broker.upstream.auth import client_auth_for
 from broker.vault.models import CredentialSettings
 
+TOKEN_URL = "https://auth.example.com/oauth/token"
+
 
 def credential(client_id: str, secret: str, method: str = "client_secret_basic") -> CredentialSettings:
     return CredentialSettings(
         name="payments",
         client_id=client_id,
         client_secrets=(Secret(secret),),
-        token_url="https://auth.example.com/oauth/token",
+        token_url=TOKEN_URL,
         auth_method=method,
     )
 
@@ -29,7 +31,7 @@ def basic(client_id: str, secret: str) -> tuple[dict[str, str], dict[str, str]]:
     form: dict[str, str] = {"grant_type": "client_credentials"}
     headers: dict[str, str] = {}
     cred = credential(client_id, secret)
-    client_auth_for("client_secret_basic").apply(cred, cred.client_secret, form, headers)
+    client_auth_for("client_secret_basic").apply(cred, cred.client_secret, form, headers, endpoint=TOKEN_URL, now=0.0)
     return form, headers
 
 
@@ -58,7 +60,7 @@ def test_post_puts_id_and_secret_in_the_form() -> None:
     form: dict[str, str] = {"grant_type": "client_credentials", "scope": "a"}
     headers: dict[str, str] = {}
     cred = credential("a:b é", "p%ss+w:rd", "client_secret_post")
-    client_auth_for("client_secret_post").apply(cred, cred.client_secret, form, headers)
+    client_auth_for("client_secret_post").apply(cred, cred.client_secret, form, headers, endpoint=TOKEN_URL, now=0.0)
     assert form == {
         "grant_type": "client_credentials",
         "scope": "a",
@@ -69,8 +71,8 @@ def test_post_puts_id_and_secret_in_the_form() -> None:
 
 
 def test_unknown_method_is_refused() -> None:
-    with pytest.raises(ValueError, match="private_key_jwt"):
-        client_auth_for("private_key_jwt")
+    with pytest.raises(ValueError, match="client_secret_jwt"):
+        client_auth_for("client_secret_jwt")
 
 
 text = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=40)

@@ -135,13 +135,19 @@ def test_unknown_auth_method() -> None:
     assert "client_secret_jwt" in only_problem(data, "credentials.payments.auth_method")
 
 
-@pytest.mark.parametrize("method", ["private_key_jwt", "tls_client_auth"])
-def test_planned_auth_method_is_not_supported_yet(method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "needs"), [("private_key_jwt", "private_key"), ("tls_client_auth", "tls_client_cert")]
+)
+def test_a_keyless_auth_method_takes_no_client_secret(method: str, needs: str) -> None:
+    """tests/unit/test_keyless_settings.py has the rest: the key and certificate files."""
     data = config()
     data["credentials"]["payments"]["auth_method"] = method
-    line = only_problem(data, "credentials.payments.auth_method")
-    assert method in line
-    assert "not supported" in line
+    found = problems(data)
+    assert found == [
+        f'credentials.payments.client_secret: is not used with auth_method = "{method}": it uses '
+        + ("a private key" if method == "private_key_jwt" else "a TLS client certificate"),
+        f'credentials.payments.{needs}: is required for auth_method = "{method}"',
+    ]
 
 
 @pytest.mark.parametrize(
