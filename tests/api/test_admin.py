@@ -259,7 +259,7 @@ def test_a_credential_named_vault_or_login_cannot_touch_the_vaults_own_keys(
     admin_client: TestClient, authserver: AuthServerProcess
 ) -> None:
     """Defect: the vault document's keys were hash-tagged `{vault}`, the tag a credential named
-    `vault` has too, so deleting such a credential (SCAN tb:{vault}:*) deleted every API-managed
+    `vault` has too, so deleting such a credential (SCAN tb:{:vault}:*) deleted every API-managed
     credential and caller with it. The vault's own tags now start with ':', which no name can."""
     shipping = admin_client.put(f"{ADMIN}/callers/shipping", headers=admin_auth(), json={"grants": {}})
     assert shipping.status_code == 201

@@ -68,7 +68,7 @@ def test_a_literal_private_key_is_sealed_never_shown_and_signs(
     assert record["auth"] == "private_key_jwt"
 
     with redis.Redis.from_url(redis_url) as direct:
-        stored = direct.get("tb:{vault}:document")
+        stored = direct.get("tb:{:vault}:document")
     assert stored is not None
     assert b"PRIVATE KEY" not in stored
     assert b"jwt-admin" not in stored  # the whole document is sealed
