@@ -26,8 +26,8 @@ from broker.vault.models import (
     CallerIssuerSettings,
     CallerSettings,
     CredentialSettings,
-    read_entries,
 )
+from broker.vault.tables import read_entries
 
 __all__ = [
     "CacheSettings",

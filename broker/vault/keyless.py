@@ -1,5 +1,5 @@
 """A credential's keyless client authentication (spec §6.7): the private key of `private_key_jwt`,
-the TLS client certificate of `tls_client_auth`. Read and checked here for broker/vault/models.py
+the TLS client certificate of `tls_client_auth`. Read and checked here for broker/vault/credential_fields.py
 (config file and admin API alike): the files are loaded at once, so an unreadable file, a
 malformed key, a key that does not fit its algorithm or a certificate whose key does not match
 is one problem line at start, naming the key.

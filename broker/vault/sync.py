@@ -24,8 +24,9 @@ import structlog
 from broker.errors import InvalidRequest, StoreBusy, StoreUnavailable
 from broker.reader import Reader
 from broker.store import Store
-from broker.vault.models import Entries, read_entries
+from broker.vault.models import Entries
 from broker.vault.registry import Registry
+from broker.vault.tables import read_entries
 
 __all__ = ["Document", "VaultSync"]
 
