@@ -39,7 +39,8 @@ from joserfc.jws import JWSRegistry
 from joserfc.jwt import JWTClaimsRegistry
 
 from broker.clock import Clock, SystemClock
-from broker.errors import JWTRefused
+from broker.errors import JWTRefused, UpstreamError
+from broker.upstream.exchange import get_json, usable_url
 from broker.vault.models import CALLER_JWT_ALGORITHMS, CallerIssuerSettings
 
 __all__ = [
@@ -60,7 +61,6 @@ LEEWAY_SECONDS = 30  # for exp, nbf and iat: clocks of issuer and broker disagre
 KEYS_TTL_SECONDS = 600.0  # a key set is refetched after this; nothing verified is trusted longer
 REFETCH_INTERVAL_SECONDS = 10.0  # at most one refetch per issuer and worker in this interval
 FETCH_TIMEOUT_SECONDS = 3.0
-MAX_KEY_SET_BYTES = 64 * 1024
 MAX_VERIFIED = 10_000  # tokens remembered per worker
 _ALGORITHMS = frozenset(CALLER_JWT_ALGORITHMS)
 # Only for splitting a token and its sizes; each issuer's own registry allows its algorithms.
@@ -267,14 +267,14 @@ class CallerJWTs:
         issuer = state.settings
         uri = issuer.jwks_uri or state.jwks_uri
         if uri is None:
-            discovery = await self._json(issuer.issuer.rstrip("/") + "/.well-known/openid-configuration")
+            discovery = await self._json(issuer.issuer.rstrip("/") + "/.well-known/openid-configuration", "discovery")
             if discovery.get("issuer") != issuer.issuer:
                 raise _FetchFailed("the discovery document names a different issuer")
             found = discovery.get("jwks_uri")
-            if not isinstance(found, str) or not _usable_url(found):
+            if not isinstance(found, str) or not usable_url(found):
                 raise _FetchFailed("the discovery document has no usable jwks_uri")
             uri = state.jwks_uri = found
-        document = await self._json(uri)
+        document = await self._json(uri, "key set")
         members = document.get("keys")
         if not isinstance(members, list):
             raise _FetchFailed("the key set has no list of keys")
@@ -287,28 +287,13 @@ class CallerJWTs:
             raise _FetchFailed("the key set has no usable public signing key")
         return keys
 
-    async def _json(self, url: str) -> dict[str, Any]:
+    async def _json(self, url: str, what: str) -> dict[str, Any]:
         if self.http is None:
             raise _FetchFailed("no HTTP client (the broker is not serving)")
         try:
-            async with self.http.stream("GET", url) as response:
-                status = response.status_code
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_KEY_SET_BYTES:
-                        raise _FetchFailed(f"{url} answered more than 64 KiB")
-        except httpx.HTTPError as exc:
-            raise _FetchFailed(f"{url}: {type(exc).__name__}") from exc
-        if status != 200:
-            raise _FetchFailed(f"{url} answered HTTP {status}")
-        try:
-            document = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise _FetchFailed(f"{url} did not answer JSON") from exc
-        if not isinstance(document, dict):
-            raise _FetchFailed(f"{url} did not answer a JSON object")
-        return document
+            return await get_json(self.http, url, time.monotonic() + FETCH_TIMEOUT_SECONDS, what, "the caller issuer")
+        except UpstreamError as exc:
+            raise _FetchFailed(f"{url}: {exc.description}") from exc
 
 
 class _FetchFailed(Exception):
@@ -327,14 +312,6 @@ def _public_signing_key(member: Any) -> Key | None:
         return JWKRegistry.import_key(public)
     except (JoseError, ValueError, TypeError):
         return None
-
-
-def _usable_url(url: str) -> bool:
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL:
-        return False
-    return parsed.scheme in ("https", "http") and bool(parsed.host)
 
 
 class RefusalLog:

@@ -179,7 +179,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 async def _probe(settings: Settings) -> int:
     """Fetch one token per credential (its default scopes) and say what happened."""
-    from broker.upstream import UpstreamClient, new_http_client  # noqa: PLC0415
+    from broker.upstream.client import UpstreamClient  # noqa: PLC0415
+    from broker.upstream.exchange import new_http_client  # noqa: PLC0415
 
     failed = 0
     async with new_http_client(settings.upstream) as http:

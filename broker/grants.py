@@ -23,7 +23,8 @@ import structlog
 from broker.clock import Clock, SystemClock
 from broker.errors import ReauthorizationRequired, UpstreamRejected, UpstreamUnavailable
 from broker.store import Lock, Store, TokenKeys
-from broker.upstream import FetchedToken, UpstreamClient
+from broker.upstream.client import UpstreamClient
+from broker.upstream.response import FetchedToken
 from broker.upstream.users import UserGrants
 from broker.vault.models import CredentialSettings
 

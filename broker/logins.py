@@ -31,7 +31,7 @@ from broker.errors import AccessDenied, InvalidRequest, ReauthorizationRequired,
 from broker.grants import GRANT_TTL
 from broker.store import Store, TokenKeys
 from broker.tokens import TokenService
-from broker.upstream import UpstreamClient
+from broker.upstream.client import UpstreamClient
 from broker.upstream.oidc import IdTokenVerifier
 from broker.upstream.users import UserGrants
 from broker.vault.models import CallerSettings, CredentialSettings

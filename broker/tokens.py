@@ -42,7 +42,8 @@ from broker.refusals import RecentRefusals
 from broker.settings import CacheSettings
 from broker.singleflight import DistributedFlight, LocalFlight
 from broker.store import Lock, Store, TokenKeys
-from broker.upstream import FetchedToken, UpstreamClient
+from broker.upstream.client import UpstreamClient
+from broker.upstream.response import FetchedToken
 from broker.vault.models import CredentialSettings
 
 __all__ = ["Invalidation", "Source", "TokenService", "cache_window", "effective_skew", "is_fresh", "satisfies"]

@@ -35,7 +35,9 @@ from broker.settings import Settings
 from broker.store import Store
 from broker.tasks import cancel
 from broker.tokens import TokenService
-from broker.upstream import SecretRotation, UpstreamClient, new_http_client
+from broker.upstream.client import UpstreamClient
+from broker.upstream.exchange import new_http_client
+from broker.upstream.rotation import SecretRotation
 from broker.vault.models import Entries
 from broker.vault.registry import Registry
 from broker.vault.sync import VaultSync
@@ -162,7 +164,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         syncer = asyncio.create_task(vault.run(), name="tb-vault")
         await subscriber.wait_live(2.0)
         try:
-            keys = SigningKeys(http, settings.upstream, deadline_seconds=settings.server.request_deadline_seconds)
+            keys = SigningKeys(upstream, deadline_seconds=settings.server.request_deadline_seconds)
             logins = Logins(
                 store,
                 tokens,

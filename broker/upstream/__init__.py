@@ -1,7 +1,5 @@
-"""Talking to authorization servers: client auth, discovery, the token request, its answers."""
+"""Talking to authorization servers: client auth, discovery, the token request, its answers.
 
-from broker.upstream.client import UpstreamClient, new_http_client
-from broker.upstream.response import FetchedToken
-from broker.upstream.rotation import SecretRotation
-
-__all__ = ["FetchedToken", "SecretRotation", "UpstreamClient", "new_http_client"]
+Nothing is re-exported here: importing one module of the package (broker/upstream/exchange.py,
+from the caller JWT verifier) must not load the token client and prometheus_client with it.
+"""

@@ -1,15 +1,13 @@
-"""The token request itself: endpoint discovery, one POST per attempt, retries within a deadline."""
+"""The token request itself: one POST per attempt, retries within a deadline, to the endpoint that
+discovery (broker/upstream/discovery.py) or the config names."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
-import ssl
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -23,9 +21,10 @@ from broker.secret import Secret
 from broker.settings import UpstreamSettings
 from broker.upstream.auth import client_auth_for
 from broker.upstream.breaker import CircuitBreaker
+from broker.upstream.discovery import Discoveries, Discovery
+from broker.upstream.exchange import exchange_failure, get_json, loop_deadline, new_http_client, read_capped
 from broker.upstream.mtls import MutualTlsClients
 from broker.upstream.response import (
-    MAX_BODY_BYTES,
     FetchedToken,
     classify_error,
     parse_token_response,
@@ -39,57 +38,6 @@ log = structlog.get_logger("broker.upstream")
 
 _BACKOFF_BASE = 0.2
 _BACKOFF_CAP = 5.0
-
-
-def new_http_client(settings: UpstreamSettings, *, verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
-    """The one shared HTTP client of a process: timeouts, a pool, no redirects, no env proxies.
-    Made the same way, with the TLS context of a client certificate, for tls_client_auth."""
-    return httpx.AsyncClient(
-        verify=verify,
-        timeout=httpx.Timeout(settings.timeout_seconds, connect=settings.connect_timeout_seconds),
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-        follow_redirects=False,
-        trust_env=False,
-        headers={"User-Agent": "token-broker", "Accept": "application/json"},
-    )
-
-
-@dataclass(frozen=True)
-class Discovery:
-    """What an issuer's discovery document says (or, for a `token_url`, the config)."""
-
-    token_endpoint: str
-    authorization_endpoint: str | None = None
-    jwks_uri: str | None = None
-    revocation_endpoint: str | None = None
-    id_token_algorithms: tuple[str, ...] = ("RS256",)  # OIDC Discovery's default
-    # RFC 8705 §5 `mtls_endpoint_aliases`: where clients that present a certificate go instead
-    mtls_token_endpoint: str | None = None
-    mtls_revocation_endpoint: str | None = None
-
-
-@dataclass
-class _Discovered:
-    discovery: Discovery
-    fetched_at: float
-
-
-class _Body:
-    """A response body read with a size cap, so a huge answer cannot exhaust memory."""
-
-    @staticmethod
-    async def read(response: httpx.Response) -> bytes:
-        declared = response.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise UpstreamInvalidResponse("The authorization server's answer is larger than 64 KiB.")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise UpstreamInvalidResponse("The authorization server's answer is larger than 64 KiB.")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 class UpstreamClient:
@@ -106,8 +54,7 @@ class UpstreamClient:
         self.settings = settings
         self.default_expires_in = default_expires_in
         self.clock = clock or SystemClock()
-        self._discovered: dict[str, _Discovered] = {}
-        self._discovery_locks: dict[str, asyncio.Lock] = {}
+        self.discoveries = Discoveries(http, settings.discovery_ttl_seconds)
         self._breakers: dict[str, CircuitBreaker] = {}
         # Without a store (check-config --probe, unit tests) this process remembers for itself.
         self.rotation = rotation or SecretRotation(None, fingerprint)
@@ -145,7 +92,7 @@ class UpstreamClient:
         for name in credentials:
             self._breakers.pop(name, None)
         self.rotation.forget(credentials)
-        self._discovered.clear()
+        self.discoveries.forget()
 
     def breaker(self, credential: str) -> CircuitBreaker:
         breaker = self._breakers.get(credential)
@@ -250,13 +197,13 @@ class UpstreamClient:
                 http.stream("POST", token_url, data=form, headers=headers) as response,
             ):
                 status = response.status_code
-                body = await _Body.read(response)
+                body = await read_capped(response)
                 content_type = response.headers.get("content-type")
                 retry_after = response.headers.get("retry-after")
         except UpstreamError:
             raise
         except Exception as exc:
-            failure = _exchange_failure(exc, "the authorization server")
+            failure = exchange_failure(exc, "the authorization server")
             if isinstance(failure, UpstreamUnavailable):
                 status = "timeout" if isinstance(exc, TimeoutError | httpx.TimeoutException) else "unreachable"
             raise failure from exc
@@ -282,11 +229,7 @@ class UpstreamClient:
             )
         raise classify_error(int(status), content_type, body, retry_after)
 
-    @staticmethod
-    def loop_deadline(deadline: float) -> float:
-        """asyncio.timeout_at takes loop time; convert from time.monotonic()."""
-        loop = asyncio.get_running_loop()
-        return loop.time() + (deadline - time.monotonic())
+    loop_deadline = staticmethod(loop_deadline)
 
     async def token_endpoint(self, credential: CredentialSettings, deadline: float) -> str:
         """Where the credential's token requests go: for tls_client_auth, the mTLS alias if any."""
@@ -314,121 +257,9 @@ class UpstreamClient:
     async def discovery(self, credential: CredentialSettings, deadline: float) -> Discovery:
         if credential.token_url:
             return Discovery(token_endpoint=credential.token_url)
-        issuer = credential.issuer
-        assert issuer is not None  # noqa: S101 - settings guarantee one of the two
-        cached = self._discovered.get(issuer)
-        if cached and time.monotonic() - cached.fetched_at < self.settings.discovery_ttl_seconds:
-            return cached.discovery
-        lock = self._discovery_locks.setdefault(issuer, asyncio.Lock())
-        async with lock:
-            cached = self._discovered.get(issuer)
-            if cached and time.monotonic() - cached.fetched_at < self.settings.discovery_ttl_seconds:
-                return cached.discovery
-            found = await self._discover(issuer, deadline)
-            self._discovered[issuer] = _Discovered(found, time.monotonic())
-            return found
+        assert credential.issuer is not None  # noqa: S101 - settings guarantee one of the two
+        return await self.discoveries.get(credential.issuer, deadline)
 
     async def get_json(self, url: str, deadline: float, what: str) -> dict[str, Any]:
         """A JSON object from `url` (a discovery document, a JWKS), size-capped, within `deadline`."""
-        try:
-            async with asyncio.timeout_at(self.loop_deadline(deadline)):
-                async with self.http.stream("GET", url) as response:
-                    body = await _Body.read(response)
-                    status = response.status_code
-        except UpstreamError:
-            raise
-        except Exception as exc:
-            raise _exchange_failure(exc, f"the authorization server's {what} endpoint") from exc
-        if status == 429 or status >= 500:
-            raise UpstreamUnavailable(f"The authorization server's {what} answered HTTP {status}.")
-        if status != 200:
-            raise UpstreamInvalidResponse(f"The authorization server's {what} answered HTTP {status}.")
-        try:
-            doc = json.loads(body)
-        except RecursionError as exc:
-            raise UpstreamInvalidResponse(f"The {what} document is nested too deeply to read.") from exc
-        except ValueError as exc:  # UnicodeDecodeError included
-            raise UpstreamInvalidResponse(f"The {what} document is not JSON.") from exc
-        if not isinstance(doc, dict):
-            raise UpstreamInvalidResponse(f"The {what} document is not a JSON object.")
-        return doc
-
-    async def _discover(self, issuer: str, deadline: float) -> Discovery:
-        doc = await self.get_json(f"{issuer}/.well-known/openid-configuration", deadline, "discovery")
-        found = doc.get("issuer")
-        if not isinstance(found, str) or found.rstrip("/") != issuer:
-            raise UpstreamInvalidResponse("The discovery document names a different issuer.")
-        endpoint = doc.get("token_endpoint")
-        if not isinstance(endpoint, str) or not _usable_url(endpoint):
-            raise UpstreamInvalidResponse("The discovery document has no usable token_endpoint.")
-        urls = {
-            name: value if isinstance(value, str) and _usable_url(value) else None
-            for name in ("authorization_endpoint", "jwks_uri", "revocation_endpoint")
-            for value in [doc.get(name)]
-        }
-        aliases = doc.get("mtls_endpoint_aliases")
-        aliases = aliases if isinstance(aliases, dict) else {}
-        mtls = {
-            name: value if isinstance(value, str) and _usable_url(value) else None
-            for name in ("token_endpoint", "revocation_endpoint")
-            for value in [aliases.get(name)]
-        }
-        algorithms = doc.get("id_token_signing_alg_values_supported")
-        if not isinstance(algorithms, list) or not all(isinstance(a, str) for a in algorithms) or not algorithms:
-            algorithms = ["RS256"]
-        return Discovery(
-            token_endpoint=endpoint,
-            authorization_endpoint=urls["authorization_endpoint"],
-            jwks_uri=urls["jwks_uri"],
-            revocation_endpoint=urls["revocation_endpoint"],
-            id_token_algorithms=tuple(a for a in algorithms if a != "none"),
-            mtls_token_endpoint=mtls["token_endpoint"],
-            mtls_revocation_endpoint=mtls["revocation_endpoint"],
-        )
-
-
-def _usable_url(url: str) -> bool:
-    """An absolute http(s) URL with a host that httpx can send a request to."""
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL:
-        return False
-    return parsed.scheme in ("https", "http") and bool(parsed.host)
-
-
-# Failures that mean the request never left: nothing was spent on the server.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
-
-
-def _certificate_refused(exc: BaseException) -> str | None:
-    """Why the server's TLS certificate did not verify, if that is what the failure was."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # httpx → httpcore → ssl: a short chain
-        if seen is None:
-            break
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return str(seen.verify_message or seen.reason or "verification failed")
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _exchange_failure(exc: Exception, server: str) -> UpstreamError:
-    """What a failed HTTP exchange with `server` ("the authorization server…") stands for.
-
-    Timeouts and transport errors are transient; an answer that arrived but cannot be read (a
-    broken Content-Encoding) is an invalid response, and so is any other failure (another httpx
-    error, or an exception from below it): nothing usable came back, and retrying will not help.
-    """
-    name = type(exc).__name__
-    subject = server[:1].upper() + server[1:]
-    maybe_sent = not isinstance(exc, _NOT_SENT)
-    if isinstance(exc, TimeoutError | httpx.TimeoutException):
-        return UpstreamUnavailable(f"{subject} did not answer in time.", maybe_sent=maybe_sent)
-    if isinstance(exc, httpx.ConnectError) and (reason := _certificate_refused(exc)):
-        # a wrong CA (tls_ca_file) or host name: say so, rather than "could not be reached"
-        return UpstreamUnavailable(f"{subject}'s TLS certificate does not verify ({reason}).", maybe_sent=False)
-    if isinstance(exc, httpx.TransportError):
-        return UpstreamUnavailable(f"{subject} could not be reached ({name}).", maybe_sent=maybe_sent)
-    if isinstance(exc, httpx.DecodingError):
-        return UpstreamInvalidResponse(f"{subject} sent a body that cannot be decoded (broken Content-Encoding).")
-    return UpstreamInvalidResponse(f"The exchange with {server} failed ({name}).")
+        return await get_json(self.http, url, deadline, what)

@@ -15,7 +15,8 @@ from broker.client_cert import ClientCertificate
 from broker.client_key import ClientKey
 from broker.secret import Secret
 from broker.settings import UpstreamSettings
-from broker.upstream import UpstreamClient, new_http_client
+from broker.upstream.client import UpstreamClient
+from broker.upstream.exchange import new_http_client
 from broker.upstream.users import UserGrants
 from broker.vault.models import CredentialSettings
 from tests.support import CLIENT_ID, AuthServerProcess

@@ -19,7 +19,9 @@ from broker.errors import UpstreamError, UpstreamRejected
 from broker.secret import Secret
 from broker.settings import UpstreamSettings
 from broker.store import Store
-from broker.upstream import SecretRotation, UpstreamClient, new_http_client
+from broker.upstream.client import UpstreamClient
+from broker.upstream.exchange import new_http_client
+from broker.upstream.rotation import SecretRotation
 from broker.vault.keyring import KeyRing
 from broker.vault.models import CredentialSettings
 from tests.conftest import ENCRYPTION_KEYS, READ, WRITE

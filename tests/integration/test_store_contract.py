@@ -23,7 +23,8 @@ from broker.redis_client import connect
 from broker.settings import Settings
 from broker.store import Store, TokenKeys
 from broker.tokens import TokenService
-from broker.upstream import UpstreamClient, new_http_client
+from broker.upstream.client import UpstreamClient
+from broker.upstream.exchange import new_http_client
 from tests.conftest import READ
 from tests.support import AuthServerProcess
 

@@ -14,8 +14,9 @@ import pytest
 from broker.errors import UpstreamError, UpstreamInvalidResponse, UpstreamUnavailable
 from broker.secret import Secret
 from broker.settings import UpstreamSettings
-from broker.upstream import UpstreamClient, new_http_client
 from broker.upstream.breaker import BreakerState
+from broker.upstream.client import UpstreamClient
+from broker.upstream.exchange import new_http_client
 from broker.vault.models import CredentialSettings
 from tests.conftest import READ
 from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess
