@@ -1,0 +1,170 @@
+"""Tampering with what is stored (spec §6.1): whoever can write to Redis cannot make a broker hand
+out a token it did not fetch, nor make it fail. A value copied to another key, an edited cleartext
+field of its header (window, fence, fingerprint), a value under an unknown key id, a flipped byte
+of the ciphertext, a plaintext value planted while encryption is on, a tampered or planted
+refusal: each is a miss that refetches (one more upstream request, 200), never a 500, and the
+broker logs `vault.undecryptable_value` once per key id, not once per value.
+
+Broker A writes; broker B (one worker, so nothing of it is in any L1) reads what A left, after
+the test changed it behind both brokers' backs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from broker.callers import hash_key, new_caller_key
+from broker.vault.keyring import KeyRing
+from tests.conftest import StartBrokers
+from tests.support import CLIENT_ID, AuthServerProcess, BrokerProcess, stored_token, token_keys
+
+pytestmark = pytest.mark.slow
+
+PROBER_KEY = new_caller_key()
+SCOPES = [f"urn:test:p{n}" for n in range(16)]
+
+
+def extra_config(authserver: AuthServerProcess) -> str:
+    scopes = json.dumps(SCOPES)
+    return f"""
+[credentials.probe]
+token_url = "{authserver.token_url}"
+client_id = "{CLIENT_ID}"
+client_secret = {{ env = "TB_TEST_CLIENT_SECRET" }}
+scopes = {scopes}
+
+[callers.prober]
+key_sha256 = "{hash_key(PROBER_KEY)}"
+[callers.prober.grants]
+probe = {scopes}
+"""
+
+
+def get(broker: BrokerProcess, scope: str) -> httpx.Response:
+    return httpx.get(
+        f"{broker.url}/v1/tokens/probe",
+        params={"scope": scope},
+        headers={"Authorization": f"Bearer {PROBER_KEY}"},
+        timeout=10,
+        trust_env=False,
+    )
+
+
+def token(broker: BrokerProcess, scope: str) -> str:
+    response = get(broker, scope)
+    assert response.status_code == 200, response.text
+    access_token: str = response.json()["access_token"]
+    return access_token
+
+
+def flip(text: str, at: int) -> str:
+    """One base64 character changed: still base64, no longer the ciphertext."""
+    return text[:at] + ("B" if text[at] == "A" else "A") + text[at + 1 :]
+
+
+def test_tampered_values_are_misses_that_refetch_never_errors(
+    write_config: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers, redis_url: str
+) -> None:
+    config = write_config(extra_config(authserver))
+    writer, reader = start_brokers(config, count=2, workers=1)
+    direct = redis.Redis.from_url(redis_url)
+    kid = KeyRing.parse(os.environ["BROKER_ENCRYPTION_KEYS"]).primary
+
+    def key(scope: str, kind: str = "token") -> str:
+        name: str = getattr(token_keys(config, "probe", scope), kind)
+        return name
+
+    def stored(scope: str) -> str:
+        raw = direct.get(key(scope))
+        assert raw is not None, scope
+        return raw.decode()
+
+    def tamper(scope: str, value: str | bytes, kind: str = "token") -> None:
+        assert direct.set(key(scope, kind), value, keepttl=True)
+
+    # Refusals first: they are remembered for negative_ttl_seconds (5 s) only.
+    authserver.configure(fault="invalid_scope", fault_count=1)
+    assert get(writer, "urn:test:p14").status_code == 502  # remembered, in Redis for every broker
+    authserver.configure(fault="invalid_scope", fault_count=1)
+    assert get(writer, "urn:test:p15").status_code == 502
+    refusal = direct.get(key("urn:test:p14", "refusal"))
+    assert refusal is not None
+    assert refusal.startswith(b"v3|")
+    version, body = refusal.decode().split("|", 1)
+    tamper("urn:test:p14", f"{version}|{flip(body, len(body) // 2)}", "refusal")
+    planted = json.dumps({"d": "planted refusal", "e": "invalid_client", "s": 401})
+    tamper("urn:test:p13", f"v2|{planted}", "refusal")  # none stored: planted where nothing was refused
+    before = authserver.token_requests()
+    assert get(reader, "urn:test:p15").status_code == 502  # the control: an intact refusal answers
+    assert authserver.token_requests() == before
+    outcomes: dict[str, tuple[int, int]] = {}
+    for case, scope in (("tampered refusal", "urn:test:p14"), ("planted plaintext refusal", "urn:test:p13")):
+        before = authserver.token_requests()
+        response = get(reader, scope)
+        outcomes[case] = (response.status_code, authserver.token_requests() - before)
+
+    # Tokens: the writer fetches one per scope set, then the test changes what it stored.
+    originals = {scope: token(writer, scope) for scope in SCOPES[:9]}
+    p = SCOPES
+    head = {scope: stored(scope).split("|", 4) for scope in originals}  # version, fence, fp, window, sealed
+    tamper(p[1], stored(p[2]))  # a ciphertext copied to another key (the scope set p2's onto p1's)
+    version, fence, fp, window, sealed = head[p[3]]
+    tamper(p[3], "|".join([version, fence, fp, str(int(window) * 2), sealed]))  # a longer window
+    version, fence, fp, window, sealed = head[p[4]]
+    tamper(p[4], "|".join([version, str(int(fence) + 1000), fp, window, sealed]))  # a later fence
+    version, fence, fp, window, sealed = head[p[5]]
+    tamper(p[5], "|".join([version, fence, head[p[0]][2], window, sealed]))  # another token's fingerprint
+    version, fence, fp, window, sealed = head[p[6]]
+    tamper(p[6], "|".join([version, fence, fp, window, "zz." + sealed.split(".", 1)[1]]))  # an unknown key id
+    version, fence, fp, window, sealed = head[p[7]]
+    tamper(p[7], "|".join([version, fence, fp, window, flip(sealed, len(sealed) // 2)]))  # a flipped byte
+    version, fence, fp, window, sealed = head[p[8]]
+    payload = json.dumps({"t": "planted-token", "s": p[8], "l": 3_600_000, "r": 3_000_000, "e": 4_000_000_000.0})
+    tamper(p[8], "|".join(["v2", fence, fp, window, payload]))  # plaintext, while encryption is on
+
+    before = authserver.token_requests()
+    assert token(reader, p[0]) == originals[p[0]]  # the control: an intact value is a hit
+    assert authserver.token_requests() == before
+    served: dict[str, str] = {}
+    cases = {
+        "copied from another key": p[1],
+        "window edited": p[3],
+        "fence edited": p[4],
+        "fingerprint edited": p[5],
+        "unknown key id": p[6],
+        "ciphertext byte flipped": p[7],
+        "plaintext planted": p[8],
+    }
+    for case, scope in cases.items():
+        before = authserver.token_requests()
+        response = get(reader, scope)
+        outcomes[case] = (response.status_code, authserver.token_requests() - before)
+        if response.status_code == 200:
+            served[case] = response.json()["access_token"]
+    assert outcomes == dict.fromkeys(outcomes, (200, 1)), outcomes
+    assert "planted-token" not in served.values()
+    assert not set(served.values()) & set(originals.values())
+
+    # Each refetched token replaced the tampered value: stored, readable, and served as a hit.
+    for case, scope in cases.items():
+        entry = stored_token(redis_url, token_keys(config, "probe", scope))
+        assert entry is not None, case
+        assert entry.access_token == served[case], case
+    before = authserver.token_requests()
+    for case, scope in cases.items():
+        assert token(writer, scope) == served[case], case
+    assert authserver.token_requests() == before
+
+    reader.stop()
+    lines = [json.loads(line) for line in reader.output().splitlines() if line.startswith("{")]
+    warned = [line["kid"] for line in lines if line.get("event") == "vault.undecryptable_value"]
+    assert sorted(warned) == sorted([kid, "zz"]), warned  # once per key id, though six values failed
+    assert not [line for line in lines if line.get("event") == "request.unhandled" or line.get("status") == 500]
+    direct.close()
