@@ -168,3 +168,42 @@ def test_tampered_values_are_misses_that_refetch_never_errors(
     assert sorted(warned) == sorted([kid, "zz"]), warned  # once per key id, though six values failed
     assert not [line for line in lines if line.get("event") == "request.unhandled" or line.get("status") == 500]
     direct.close()
+
+
+@pytest.mark.parametrize("fence", ["9" * 30, "1" + "0" * 14], ids=["30 digits", "10^14"])
+def test_an_edited_fence_is_a_miss_like_any_other_edit(
+    fence: str,
+    write_config: Callable[..., Path],
+    authserver: AuthServerProcess,
+    start_brokers: StartBrokers,
+    redis_url: str,
+) -> None:
+    """Defect: the Lua scripts read the cleartext fence of a stored value as a number, and wrote
+    fences with Lua's %.14g. A fence edited to 30 digits made the lock script compute one Redis
+    cannot return as an integer: the broker took its own lock for someone else's and waited it
+    out, left the counter at "1e+30" (every later lock for the key failed for the counter's 24 h:
+    no single-flight across processes), and its write was refused while the tampered value lived,
+    so every request that missed L1 fetched upstream. A fence edited to 10^14 made the lock value
+    "owner|1e+14": the holder could neither renew nor release it."""
+    config = write_config(extra_config(authserver))
+    writer, reader = start_brokers(config, count=2, workers=1)
+    keys = token_keys(config, "probe", "urn:test:p9")
+    original = token(writer, "urn:test:p9")
+    with redis.Redis.from_url(redis_url) as direct:
+        version, _, fp, window, sealed = direct.get(keys.token).decode().split("|", 4)
+        assert direct.set(keys.token, "|".join([version, fence, fp, window, sealed]), keepttl=True)
+
+        before = authserver.token_requests()
+        refetched = token(reader, "urn:test:p9")
+        assert refetched != original
+        assert authserver.token_requests() == before + 1
+        entry = stored_token(redis_url, keys)
+        assert entry is not None, "the refetched token was not stored"
+        assert entry.access_token == refetched
+        counter = direct.get(keys.fence)
+        assert counter is not None
+        assert counter.isdigit(), counter
+        assert not direct.exists(keys.lock), f"the fetch lock was left behind: {direct.get(keys.lock)!r}"
+    # and it is shared as usual: the writer's L1 copy was replaced by the reader's event
+    assert token(writer, "urn:test:p9") == refetched
+    assert authserver.token_requests() == before + 1
