@@ -237,7 +237,7 @@ class BrokerProcess:
             str(self.workers),
         ]
         env = {**os.environ, **self.env}
-        with self.log_path.open("wb") as out:
+        with self.log_path.open("ab") as out:  # a restarted broker's log follows its earlier one
             self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         # every worker must be up: /readyz answers 200 only after a worker saw Redis
