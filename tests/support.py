@@ -212,12 +212,16 @@ class AuthServerProcess:
 
 
 class BrokerProcess:
-    """A real `token-broker serve` process (uvicorn, N workers) on a free port."""
+    """A real `token-broker serve` process (uvicorn, N workers) on a free port. `cwd` is where
+    `python -m broker` finds the package: another tree (an older release) runs that tree's code."""
 
-    def __init__(self, config: Path, *, workers: int = 1, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, *, workers: int = 1, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT
+    ) -> None:
         self.config = config
         self.workers = workers
         self.env = env or {}
+        self.cwd = cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -238,7 +242,7 @@ class BrokerProcess:
         ]
         env = {**os.environ, **self.env}
         with self.log_path.open("ab") as out:  # a restarted broker's log follows its earlier one
-            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         # every worker must be up: /readyz answers 200 only after a worker saw Redis
         wait_http(f"{self.url}/readyz", timeout=timeout, proc=self.proc, log_path=self.log_path)
