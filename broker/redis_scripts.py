@@ -11,6 +11,13 @@ written with %d: Lua's own number-to-string (%.14g) would turn 10^14 into "1e+14
 
 __all__ = ["ACQUIRE", "DROP_IF", "GET", "PUT", "RELEASE", "RENEW", "REWRAP", "VAULT_PUT"]
 
+# A value and its key's PTTL in one round trip: readers bound their copy by the key's own TTL.
+GET = """
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+return {v, redis.call('PTTL', KEYS[1])}
+"""
+
 # The fence a stored value was written under, or nil (none, or not one a counter gave out).
 _FENCE_OF = """
 local function fence_of(v)
@@ -18,13 +25,6 @@ local function fence_of(v)
   if f and #f <= 16 and tonumber(f) < 2^53 - 2^32 then return tonumber(f) end
   return nil
 end
-"""
-
-# A value and its key's PTTL in one round trip: readers bound their copy by the key's own TTL.
-GET = """
-local v = redis.call('GET', KEYS[1])
-if not v then return false end
-return {v, redis.call('PTTL', KEYS[1])}
 """
 
 # Fenced write: refused if the stored value (or tombstone) was written under a later lock.
