@@ -10,9 +10,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import httpx
 import redis
@@ -213,7 +215,14 @@ class AuthServerProcess:
 
 class BrokerProcess:
     """A real `token-broker serve` process (uvicorn, N workers) on a free port. `cwd` is where
-    `python -m broker` finds the package: another tree (an older release) runs that tree's code."""
+    `python -m broker` finds the package: another tree (an older release) runs that tree's code.
+
+    Every instance is in `BrokerProcess.instances`, and what it logged can be read piece by piece
+    (`unread_output`): the suite's leak watch (tests/leakwatch.py) reads every line once, and
+    `discard_log` hands it what is left before the file goes."""
+
+    instances: ClassVar[weakref.WeakSet[BrokerProcess]] = weakref.WeakSet()
+    on_discard: ClassVar[Callable[[BrokerProcess, str], None] | None] = None
 
     def __init__(
         self, config: Path, *, workers: int = 1, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT
@@ -226,6 +235,8 @@ class BrokerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="tb-broker-", suffix=".log")[1])
+        self._read_up_to = 0
+        BrokerProcess.instances.add(self)
 
     def start(self, timeout: float = 30.0) -> Self:
         cmd = [
@@ -255,6 +266,24 @@ class BrokerProcess:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def unread_output(self, *, partial: bool = False) -> str:
+        """What the broker logged since the last call (whole lines only, unless `partial`)."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._read_up_to)
+                data = log.read()
+        except OSError:
+            return ""
+        if not partial:
+            data = data[: data.rfind(b"\n") + 1]
+        self._read_up_to += len(data)
+        return data.decode(errors="replace")
+
+    def discard_log(self) -> None:
+        if BrokerProcess.on_discard is not None:
+            BrokerProcess.on_discard(self, self.unread_output(partial=True))
+        self.log_path.unlink(missing_ok=True)
+
     def stop(self) -> None:
         terminate(self.proc, timeout=15)
         self.proc = None
@@ -264,7 +293,7 @@ class BrokerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        self.log_path.unlink(missing_ok=True)
+        self.discard_log()
 
 
 _PROC = Path("/proc")

@@ -21,13 +21,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.callers import hash_key, new_caller_key
+from broker.store import Keys
 from tests.conftest import ADMIN, ADMIN_KEY, CALLER_KEYS, READ, WRITE, StartBrokers, admin_auth
+from tests.leakwatch import add_secret
 from tests.security.secrets_in import bare_fingerprint, find_secrets, redis_contents
 from tests.support import CLIENT_ID, CLIENT_SECRET, WEIRD_CLIENT_ID, WEIRD_CLIENT_SECRET, AuthServerProcess
 
 pytestmark = pytest.mark.slow
 
+KEYS = Keys()  # the default prefix, as the test configs have it
+
 AUDITOR_KEY = new_caller_key()
+add_secret("caller key", AUDITOR_KEY)
 WEIRD_ENV = "TB_TEST_WEIRD_SECRET"
 
 
@@ -78,7 +83,7 @@ async def listen(url: str, seen: list[bytes], ready: asyncio.Event) -> None:
     client = aioredis.Redis.from_url(url)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     try:
-        await pubsub.subscribe("tb:events")
+        await pubsub.subscribe(KEYS.events)
         ready.set()
         while True:
             message = await pubsub.get_message(timeout=0.2)
@@ -100,6 +105,7 @@ async def test_nothing_secret_is_in_redis_or_on_the_events_channel_in_clear(
     )
     run = Run()
     api_secret = f"api-only-{secrets.token_hex(12)}"  # the authorization server does not know it
+    add_secret("client secret", api_secret)
     events: list[bytes] = []
     ready = asyncio.Event()
     listener = asyncio.create_task(listen(redis_url, events, ready))
@@ -171,12 +177,12 @@ async def test_nothing_secret_is_in_redis_or_on_the_events_channel_in_clear(
     names = list(stored)
     assert sum(":tok:" in name for name in names) >= 10, names
     assert sum(":neg:" in name for name in names) >= 2, names
-    assert "tb:{vault}:document" in stored
+    assert KEYS.vault_document in stored
     for name, blob in stored.items():
         value = blob.split(b"\n", 1)[1]
         if ":tok:" in name:
             assert value.startswith(b"v3|") or value.endswith(b"|-|0|"), (name, value[:40])
-        elif ":neg:" in name or name == "tb:{vault}:document":
+        elif ":neg:" in name or name == KEYS.vault_document:
             assert value.startswith(b"v3|"), (name, value[:40])
     assert len(set(run.tokens)) >= 11
 

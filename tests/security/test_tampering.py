@@ -23,11 +23,13 @@ import redis
 from broker.callers import hash_key, new_caller_key
 from broker.vault.keyring import KeyRing
 from tests.conftest import StartBrokers
+from tests.leakwatch import add_secret
 from tests.support import CLIENT_ID, AuthServerProcess, BrokerProcess, stored_token, token_keys
 
 pytestmark = pytest.mark.slow
 
 PROBER_KEY = new_caller_key()
+add_secret("caller key", PROBER_KEY)
 SCOPES = [f"urn:test:p{n}" for n in range(16)]
 
 
