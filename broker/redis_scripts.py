@@ -122,12 +122,25 @@ return 0
 
 
 # The vault document: replaced only by a writer that read the current version (compare-and-set),
-# then announced on the events channel so every worker reloads it at once.
+# then announced on the events channel so every worker reloads it at once. A version that is not
+# up to 15 digits was not written here (edited in Redis): brokers read it as -1, and the writer
+# that read -1 replaces it by Redis's clock in ms, above any count a broker may still hold.
 VAULT_PUT = """
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local stored = redis.call('GET', KEYS[2])
+local current = 0
+if stored then
+  current = -1
+  if string.match(stored, '^%d+$') and #stored <= 15 then current = tonumber(stored) end
+end
 if current ~= tonumber(ARGV[1]) then return 0 end
+local version = current + 1
+if current < 0 then
+  local now = redis.call('TIME')
+  version = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+end
+version = string.format('%d', version)
 redis.call('SET', KEYS[1], ARGV[2])
-local version = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[2], version)
 redis.call('PUBLISH', ARGV[3], 'vault|' .. version .. '|' .. KEYS[1])
-return version
+return tonumber(version)
 """

@@ -55,6 +55,7 @@ log = structlog.get_logger("broker.store")
 
 DEFAULT_PREFIX = "tb"
 _FENCE_TTL_MS = 24 * 3600 * 1000  # the counter outlives any lock; stored values carry their own fence
+_VAULT_VERSION_DIGITS = 15  # what VAULT_PUT counts exactly (below 2^53); more was never written by it
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,15 +252,14 @@ class Store:
     # -- the vault document (spec §3.6) -------------------------------------------------------------
 
     async def vault_version(self) -> int:
-        raw = await self._call(self.redis.get, self.keys.vault_version)
-        return int(raw) if raw else 0
+        return _vault_version(await self._call(self.redis.get, self.keys.vault_version))
 
     async def get_vault(self) -> tuple[int, bytes | None]:
         """(version, the opened document) — None when there is none, or it does not open."""
         version, raw = await self._call(self.redis.mget, [self.keys.vault_version, self.keys.vault_document])
         if not raw:
-            return (int(version) if version else 0), None
-        return (int(version) if version else 0), self.codec.open(raw, self.keys.vault_document)
+            return _vault_version(version), None
+        return _vault_version(version), self.codec.open(raw, self.keys.vault_document)
 
     async def put_vault(self, expected_version: int, document: bytes) -> int:
         """Write the document if the stored version is still `expected_version` → the new version,
@@ -275,3 +275,12 @@ class Store:
         async for name in self.redis.scan_iter(match=self.keys.credential_pattern(credential), count=500):
             deleted += int(await self._call(self.redis.delete, name))
         return deleted
+
+
+def _vault_version(raw: bytes | None) -> int:
+    """The vault version as stored: 0 for none, -1 for one no broker wrote (edited in Redis). -1
+    differs from every version a broker holds, so each one reloads the document; the next change
+    writes a fresh version (VAULT_PUT)."""
+    if not raw:
+        return 0
+    return int(raw) if raw.isdigit() and len(raw) <= _VAULT_VERSION_DIGITS else -1

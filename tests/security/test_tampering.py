@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +22,9 @@ import pytest
 import redis
 
 from broker.callers import hash_key, new_caller_key
+from broker.store import Keys
 from broker.vault.keyring import KeyRing
-from tests.conftest import StartBrokers
+from tests.conftest import StartBrokers, admin_auth
 from tests.leakwatch import add_secret
 from tests.support import CLIENT_ID, AuthServerProcess, BrokerProcess, stored_token, token_keys
 
@@ -209,3 +211,40 @@ def test_an_edited_fence_is_a_miss_like_any_other_edit(
     # and it is shared as usual: the writer's L1 copy was replaced by the reader's event
     assert token(writer, "urn:test:p9") == refetched
     assert authserver.token_requests() == before + 1
+
+
+@pytest.mark.parametrize("version", ["garbage", "9" * 30], ids=["not a number", "30 digits"])
+def test_an_edited_vault_version_stops_no_admin_change_no_sync_and_no_start(
+    version: str, write_config: Callable[..., Path], start_brokers: StartBrokers, redis_url: str
+) -> None:
+    """Defect: the vault's version (cleartext beside the sealed document) was read with int():
+    once edited to something else, every admin change answered 500, a broker starting meanwhile
+    failed its startup, and a running broker's vault sync died, so it never applied another
+    change."""
+    config = write_config()
+    (running,) = start_brokers(config, count=1, workers=1)
+
+    def new_caller(broker: BrokerProcess, name: str) -> dict[str, str]:
+        body = {"grants": {"payments": ["urn:test:claims.read"]}}
+        response = httpx.put(f"{broker.url}/v1/admin/callers/{name}", json=body, headers=admin_auth(), timeout=10)
+        assert response.status_code == 201, response.text
+        return {"Authorization": f"Bearer {response.json()['caller_key']}"}
+
+    def serves(broker: BrokerProcess, headers: dict[str, str]) -> bool:
+        for _ in range(60):  # a change is applied within a second
+            if httpx.get(f"{broker.url}/v1/tokens/payments", headers=headers, timeout=10).status_code == 200:
+                return True
+            time.sleep(0.05)
+        return False
+
+    first = new_caller(running, "before")
+    with redis.Redis.from_url(redis_url) as direct:
+        direct.set(Keys().vault_version, version)
+    time.sleep(1.5)  # the running broker's version check has seen it
+    second = new_caller(running, "after")
+    (started,) = start_brokers(config, count=1, workers=1)
+    assert serves(started, first)
+    assert serves(started, second)
+    third = new_caller(started, "later")
+    assert serves(running, third), "the running broker no longer applies changes"
+    assert "Traceback" not in running.output() + started.output()
