@@ -248,3 +248,29 @@ def test_an_edited_vault_version_stops_no_admin_change_no_sync_and_no_start(
     third = new_caller(started, "later")
     assert serves(running, third), "the running broker no longer applies changes"
     assert "Traceback" not in running.output() + started.output()
+
+
+def test_a_tampered_vault_document_keeps_what_brokers_have_and_answers_no_500(
+    write_config: Callable[..., Path], start_brokers: StartBrokers, redis_url: str
+) -> None:
+    """The vault document flipped by one byte: it does not open, so nothing of it is trusted. A
+    running broker keeps the entries it has (an API caller still gets tokens) and logs
+    `vault.document_unreadable` once; an admin change is refused with 503, not a 500."""
+    (broker,) = start_brokers(write_config(), count=1, workers=1)
+    body = {"grants": {"payments": ["urn:test:claims.read"]}}
+    created = httpx.put(f"{broker.url}/v1/admin/callers/shipping", json=body, headers=admin_auth(), timeout=10)
+    assert created.status_code == 201, created.text
+    caller = {"Authorization": f"Bearer {created.json()['caller_key']}"}
+    with redis.Redis.from_url(redis_url) as direct:
+        document = direct.get(Keys().vault_document).decode()
+        version, sealed = document.split("|", 1)
+        direct.set(Keys().vault_document, f"{version}|{flip(sealed, len(sealed) // 2)}")
+        direct.incr(Keys().vault_version)  # as a writer would: every broker reads it again
+    time.sleep(1.5)
+    assert httpx.get(f"{broker.url}/v1/tokens/payments", headers=caller, timeout=10).status_code == 200
+    refused = httpx.put(f"{broker.url}/v1/admin/callers/other", json=body, headers=admin_auth(), timeout=10)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"] == "temporarily_unavailable"
+    output = broker.output()
+    assert output.count('"vault.document_unreadable"') == 1
+    assert "Traceback" not in output
