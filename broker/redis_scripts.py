@@ -2,8 +2,8 @@
 else runs Redis commands. Each touches the keys of one (credential, scope set) only, which share a
 hash slot, so they run unchanged on a Redis Cluster.
 
-Values start `v<N>|<fence>|<fingerprint>|<window ms>|` (broker/entries.py): the scripts read
-that header without JSON, and without the encryption key, so they cannot tell an edited one. A
+Values start `v<N>|<fence>|<fingerprint>|<window ms>|<deadline>|` (broker/entries.py): the scripts
+read that header without JSON, and without the encryption key, so they cannot tell an edited one. A
 fence near 2^53 was never issued (the counter counts locks taken) and is read as no fence: a Lua
 number is exact only below 2^53, and Redis cannot return a larger one as an integer. Fences are
 written with %d: Lua's own number-to-string (%.14g) would turn 10^14 into "1e+14".
@@ -11,11 +11,13 @@ written with %d: Lua's own number-to-string (%.14g) would turn 10^14 into "1e+14
 
 __all__ = ["ACQUIRE", "DROP_IF", "GET", "PUT", "RELEASE", "RENEW", "REWRAP", "VAULT_PUT"]
 
-# A value and its key's PTTL in one round trip: readers bound their copy by the key's own TTL.
+# A value, its key's PTTL and Redis's clock in one round trip: readers bound their copy by the
+# key's own TTL and by the deadline sealed in the value, on the clock every broker shares.
 GET = """
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
-return {v, redis.call('PTTL', KEYS[1])}
+local now = redis.call('TIME')
+return {v, redis.call('PTTL', KEYS[1]), now[1], now[2]}
 """
 
 # The fence a stored value was written under, or nil (none, or not one a counter gave out).
@@ -27,8 +29,9 @@ local function fence_of(v)
 end
 """
 
-# Fenced write: refused if the stored value (or tombstone) was written under a later lock.
-# Publishes so every worker can update its L1.
+# Fenced write: refused if the stored value (or tombstone) was written under a later lock. The
+# key lives until the value's deadline (ARGV[3], ms on Redis's clock). Publishes so every worker
+# can update its L1.
 PUT = (
     _FENCE_OF
     + """
@@ -37,7 +40,10 @@ if cur then
   local f = fence_of(cur)
   if f and f > tonumber(ARGV[1]) then return 0 end
 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+local now = redis.call('TIME')
+local ttl = tonumber(ARGV[3]) - (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+if ttl < 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', string.format('%d', ttl))
 redis.call('PUBLISH', ARGV[4], 'set|' .. ARGV[5] .. '|' .. KEYS[1])
 return 1
 """
@@ -94,7 +100,7 @@ local pttl = redis.call('PTTL', KEYS[1])
 if pttl < 1 then return 0 end
 local min_age = tonumber(ARGV[2])
 if tonumber(window) - pttl < min_age and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
-redis.call('SET', KEYS[1], 'v2|' .. string.format('%d', f) .. '|-|0|', 'PX', pttl)
+redis.call('SET', KEYS[1], 'v2|' .. string.format('%d', f) .. '|-|0|0|', 'PX', pttl)
 if min_age > 0 then redis.call('SET', KEYS[2], '1', 'PX', min_age) end
 redis.call('PUBLISH', ARGV[1], 'drop|' .. fp .. '|' .. KEYS[1])
 return f

@@ -127,6 +127,7 @@ class Store:
         self.retry_after = retry_after
         self.reachable = True
         self._down_until = 0.0
+        self._redis_offset: float | None = None  # Redis's clock minus our monotonic clock, seconds
         self._get = redis.register_script(scripts.GET)
         self._put = redis.register_script(scripts.PUT)
         self._acquire = redis.register_script(scripts.ACQUIRE)
@@ -187,17 +188,34 @@ class Store:
         found = await self._call(self._get, keys=[keys.token])
         if not found:
             return None
-        raw, pttl = found
-        return self.codec.decode_token(raw, keys.token, int(pttl), read_at)
+        raw, pttl, seconds, micros = found
+        redis_now_ms = int(seconds) * 1000 + int(micros) // 1000
+        self._learn_redis_clock(redis_now_ms)
+        return self.codec.decode_token(raw, keys.token, int(pttl), read_at, redis_now_ms)
 
     async def put(self, keys: TokenKeys, entry: CachedToken) -> bool:
-        """Store `entry` (TTL: what is left of its cached window) unless the stored value was
-        written under a later fence. False: refused, or nothing left to store."""
-        ttl_ms = int((entry.fresh_until - self.clock.monotonic()) * 1000)
-        if ttl_ms < 1:
+        """Store `entry` until its cached window ends, unless the stored value was written under a
+        later fence. False: refused, or nothing left to store."""
+        if entry.fresh_until - self.clock.monotonic() < 0.001:
             return False
-        args = [entry.fence, self.codec.encode_token(entry, keys.token), ttl_ms, self.keys.events, entry.fingerprint]
+        # The window's end on Redis's clock, sealed with the value: its TTL alone is not part of it.
+        deadline_ms = int((entry.fresh_until + await self._redis_clock_offset()) * 1000)
+        value = self.codec.encode_token(entry, keys.token, deadline_ms)
+        args = [entry.fence, value, deadline_ms, self.keys.events, entry.fingerprint]
         return bool(await self._call(self._put, keys=[keys.token], args=args))
+
+    def _learn_redis_clock(self, redis_now_ms: int) -> None:
+        # Taken when the answer is in: Redis read its clock before that, so the offset is never
+        # larger than the real one (a deadline made from it is early by a round trip at most).
+        self._redis_offset = redis_now_ms / 1000 - self.clock.monotonic()
+
+    async def _redis_clock_offset(self) -> float:
+        """Redis's clock minus our monotonic clock (seconds), as of the last read."""
+        if self._redis_offset is None:
+            seconds, micros = await self._call(self.redis.time)
+            self._learn_redis_clock(int(seconds) * 1000 + int(micros) // 1000)
+        assert self._redis_offset is not None  # noqa: S101 - set just above
+        return self._redis_offset
 
     async def drop_if(self, keys: TokenKeys, access_token: str, min_interval: float) -> int:
         """Drop the stored token if it is `access_token` → its fence; 0 if another token (or

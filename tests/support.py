@@ -65,9 +65,10 @@ def stored_token(redis_url: str, keys: TokenKeys) -> CachedToken | None:
     with redis.Redis.from_url(redis_url) as client:
         read_at = time.monotonic()
         with client.pipeline(transaction=True) as pipe:
-            raw, pttl = pipe.get(keys.token).pttl(keys.token).execute()
+            raw, pttl, (seconds, micros) = pipe.get(keys.token).pttl(keys.token).time().execute()
     codec = Codec(KeyRing.parse(os.environ["BROKER_ENCRYPTION_KEYS"]))
-    return codec.decode_token(raw, keys.token, int(pttl), read_at) if raw else None
+    redis_now_ms = seconds * 1000 + micros // 1000
+    return codec.decode_token(raw, keys.token, int(pttl), read_at, redis_now_ms) if raw else None
 
 
 def free_port() -> int:

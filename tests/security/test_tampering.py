@@ -1,6 +1,6 @@
 """Tampering with what is stored (spec §6.1): whoever can write to Redis cannot make a broker hand
 out a token it did not fetch, nor make it fail. A value copied to another key, an edited cleartext
-field of its header (window, fence, fingerprint), a value under an unknown key id, a flipped byte
+field of its header (window, deadline, fence, fingerprint), a value under an unknown key id, a flipped byte
 of the ciphertext, a plaintext value planted while encryption is on, a tampered or planted
 refusal: each is a miss that refetches (one more upstream request, 200), never a 500, and the
 broker logs `vault.undecryptable_value` once per key id, not once per value.
@@ -115,23 +115,25 @@ def test_tampered_values_are_misses_that_refetch_never_errors(
         outcomes[case] = (response.status_code, authserver.token_requests() - before)
 
     # Tokens: the writer fetches one per scope set, then the test changes what it stored.
-    originals = {scope: token(writer, scope) for scope in SCOPES[:9]}
+    originals = {scope: token(writer, scope) for scope in SCOPES[:10]}
     p = SCOPES
-    head = {scope: stored(scope).split("|", 4) for scope in originals}  # version, fence, fp, window, sealed
+    head = {scope: stored(scope).split("|", 5) for scope in originals}  # version, fence, fp, window, deadline, sealed
     tamper(p[1], stored(p[2]))  # a ciphertext copied to another key (the scope set p2's onto p1's)
-    version, fence, fp, window, sealed = head[p[3]]
-    tamper(p[3], "|".join([version, fence, fp, str(int(window) * 2), sealed]))  # a longer window
-    version, fence, fp, window, sealed = head[p[4]]
-    tamper(p[4], "|".join([version, str(int(fence) + 1000), fp, window, sealed]))  # a later fence
-    version, fence, fp, window, sealed = head[p[5]]
-    tamper(p[5], "|".join([version, fence, head[p[0]][2], window, sealed]))  # another token's fingerprint
-    version, fence, fp, window, sealed = head[p[6]]
-    tamper(p[6], "|".join([version, fence, fp, window, "zz." + sealed.split(".", 1)[1]]))  # an unknown key id
-    version, fence, fp, window, sealed = head[p[7]]
-    tamper(p[7], "|".join([version, fence, fp, window, flip(sealed, len(sealed) // 2)]))  # a flipped byte
-    version, fence, fp, window, sealed = head[p[8]]
+    version, fence, fp, window, deadline, sealed = head[p[3]]
+    tamper(p[3], "|".join([version, fence, fp, str(int(window) * 2), deadline, sealed]))  # a longer window
+    version, fence, fp, window, deadline, sealed = head[p[4]]
+    tamper(p[4], "|".join([version, str(int(fence) + 1000), fp, window, deadline, sealed]))  # a later fence
+    version, fence, fp, window, deadline, sealed = head[p[5]]
+    tamper(p[5], "|".join([version, fence, head[p[0]][2], window, deadline, sealed]))  # another token's fingerprint
+    version, fence, fp, window, deadline, sealed = head[p[6]]
+    tamper(p[6], "|".join([version, fence, fp, window, deadline, "zz." + sealed.split(".", 1)[1]]))  # an unknown key id
+    version, fence, fp, window, deadline, sealed = head[p[7]]
+    tamper(p[7], "|".join([version, fence, fp, window, deadline, flip(sealed, len(sealed) // 2)]))  # a flipped byte
+    version, fence, fp, window, deadline, sealed = head[p[8]]
     payload = json.dumps({"t": "planted-token", "s": p[8], "l": 3_600_000, "r": 3_000_000, "e": 4_000_000_000.0})
-    tamper(p[8], "|".join(["v2", fence, fp, window, payload]))  # plaintext, while encryption is on
+    tamper(p[8], "|".join(["v2", fence, fp, window, deadline, payload]))  # plaintext, while encryption is on
+    version, fence, fp, window, deadline, sealed = head[p[9]]
+    tamper(p[9], "|".join([version, fence, fp, window, str(int(deadline) + 3_600_000), sealed]))  # a later end
 
     before = authserver.token_requests()
     assert token(reader, p[0]) == originals[p[0]]  # the control: an intact value is a hit
@@ -145,6 +147,7 @@ def test_tampered_values_are_misses_that_refetch_never_errors(
         "unknown key id": p[6],
         "ciphertext byte flipped": p[7],
         "plaintext planted": p[8],
+        "deadline edited": p[9],
     }
     for case, scope in cases.items():
         before = authserver.token_requests()
@@ -194,8 +197,8 @@ def test_an_edited_fence_is_a_miss_like_any_other_edit(
     keys = token_keys(config, "probe", "urn:test:p9")
     original = token(writer, "urn:test:p9")
     with redis.Redis.from_url(redis_url) as direct:
-        version, _, fp, window, sealed = direct.get(keys.token).decode().split("|", 4)
-        assert direct.set(keys.token, "|".join([version, fence, fp, window, sealed]), keepttl=True)
+        version, _, fp, window, deadline, sealed = direct.get(keys.token).decode().split("|", 5)
+        assert direct.set(keys.token, "|".join([version, fence, fp, window, deadline, sealed]), keepttl=True)
 
         before = authserver.token_requests()
         refetched = token(reader, "urn:test:p9")
@@ -274,3 +277,30 @@ def test_a_tampered_vault_document_keeps_what_brokers_have_and_answers_no_500(
     output = broker.output()
     assert output.count('"vault.document_unreadable"') == 1
     assert "Traceback" not in output
+
+
+def test_a_longer_ttl_on_a_stored_token_does_not_lengthen_its_life(
+    write_config: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers, redis_url: str
+) -> None:
+    """Defect: a copy read from Redis was bounded by its key's PTTL alone, which is not part of
+    the sealed value: whoever can write to Redis could PEXPIRE a token's key (an edited expiry),
+    and a broker then told callers `expires_in` of that TTL and handed the token out long after
+    it had expired."""
+    config = write_config(extra_config(authserver))
+    writer, reader = start_brokers(config, count=2, workers=1)
+    authserver.configure(lifetime=3)
+    expiring = token(writer, "urn:test:p11")
+    fetched_at = time.monotonic()
+    authserver.configure(lifetime=3600)
+    lasting = get(writer, "urn:test:p10").json()
+    with redis.Redis.from_url(redis_url) as direct:
+        for scope in ("urn:test:p10", "urn:test:p11"):
+            assert direct.pexpire(token_keys(config, "probe", scope).token, 100 * 3600 * 1000)
+
+    before = authserver.token_requests()
+    same = get(reader, "urn:test:p10").json()
+    assert same["access_token"] == lasting["access_token"]  # still a hit: the value is intact
+    assert same["expires_in"] <= lasting["expires_in"], same
+    time.sleep(max(0.0, fetched_at + 3.5 - time.monotonic()))  # the 3 s token has expired
+    assert token(reader, "urn:test:p11") != expiring
+    assert authserver.token_requests() == before + 1
