@@ -11,6 +11,8 @@ durations relative to the fetch:
 
     payload = {"t": token, "s": scope, "l": life, "r": refresh, "e": expires_at}
 
+    v3|<deadline>|<kid>.<sealed refusal>     a remembered refusal, until its deadline
+
 `fence` orders writes (it comes with the fetch lock, spec §4.4); `window` is the cached window
 (the key's TTL when written) and `deadline` its end on Redis's clock (ms since the epoch): the
 key's TTL is not part of the value, so a TTL lengthened in Redis cannot lengthen a token's life.
@@ -160,6 +162,15 @@ class Codec:
             fp = self.keyring.fingerprint(str(json.loads(payload)["t"]))  # re-made under the primary too
             head = f"{SEALED}|{parts[1]}|{fp}|{parts[3]}|{parts[4]}"
             return f"{head}|{self.keyring.seal(payload.encode(), _aad(key, head))}".encode()
+        if ":neg:" in key:
+            parts = text.split("|", 2)
+            if len(parts) < 3 or self._is_current(parts[0], parts[2]):
+                return None
+            payload = self._open(parts[0], "|".join(parts[:2]), parts[2], key)
+            if payload is None:
+                return None
+            head = f"{SEALED}|{parts[1]}"
+            return f"{head}|{self.keyring.seal(payload.encode(), _aad(key, head))}".encode()
         version, _, body = text.partition("|")
         if self._is_current(version, body):
             return None
@@ -171,17 +182,22 @@ class Codec:
 
     # -- refusals ---------------------------------------------------------------------------------
 
-    def encode_rejection(self, rejection: Rejection, key: str) -> bytes:
+    def encode_rejection(self, rejection: Rejection, key: str, deadline_ms: int) -> bytes:
+        """`v3|<deadline>|<sealed>`: remembered until `deadline_ms` on Redis's clock, whatever
+        the key's TTL says (it is not part of the value)."""
         fields = {"d": rejection.description, "e": rejection.upstream_error, "s": rejection.upstream_status}
         payload = json.dumps(fields)
         if self.keyring is None:
-            return f"{PLAIN}|{payload}".encode()
-        return f"{SEALED}|{self.keyring.seal(payload.encode(), _aad(key, SEALED))}".encode()
+            return f"{PLAIN}|{deadline_ms}|{payload}".encode()
+        head = f"{SEALED}|{deadline_ms}"
+        return f"{head}|{self.keyring.seal(payload.encode(), _aad(key, head))}".encode()
 
-    def decode_rejection(self, raw: bytes, key: str) -> Rejection | None:
+    def decode_rejection(self, raw: bytes, key: str, redis_now_ms: int) -> Rejection | None:
         try:
-            version, body = raw.decode().split("|", 1)
-            payload = self._open(version, version, body, key)
+            version, deadline, body = raw.decode().split("|", 2)
+            if int(deadline) <= redis_now_ms:
+                return None
+            payload = self._open(version, f"{version}|{deadline}", body, key)
             if payload is None:
                 return None
             d = json.loads(payload)

@@ -242,12 +242,19 @@ class Store:
     # -- refusals ---------------------------------------------------------------------------------
 
     async def put_rejection(self, keys: TokenKeys, rejection: Rejection, ttl_seconds: float) -> None:
-        value = self.codec.encode_rejection(rejection, keys.refusal)
-        await self._call(self.redis.set, keys.refusal, value, px=max(1, int(ttl_seconds * 1000)))
+        ttl_ms = max(1, int(ttl_seconds * 1000))
+        deadline_ms = int((self.clock.monotonic() + await self._redis_clock_offset()) * 1000) + ttl_ms
+        value = self.codec.encode_rejection(rejection, keys.refusal, deadline_ms)
+        await self._call(self.redis.set, keys.refusal, value, px=ttl_ms)
 
     async def get_rejection(self, keys: TokenKeys) -> Rejection | None:
-        raw = await self._call(self.redis.get, keys.refusal)
-        return self.codec.decode_rejection(raw, keys.refusal) if raw else None
+        found = await self._call(self._get, keys=[keys.refusal])  # the value and Redis's clock
+        if not found:
+            return None
+        raw, _, seconds, micros = found
+        redis_now_ms = int(seconds) * 1000 + int(micros) // 1000
+        self._learn_redis_clock(redis_now_ms)
+        return self.codec.decode_rejection(raw, keys.refusal, redis_now_ms)
 
     # -- encryption keys --------------------------------------------------------------------------
 

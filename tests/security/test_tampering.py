@@ -101,10 +101,11 @@ def test_tampered_values_are_misses_that_refetch_never_errors(
     refusal = direct.get(key("urn:test:p14", "refusal"))
     assert refusal is not None
     assert refusal.startswith(b"v3|")
-    version, body = refusal.decode().split("|", 1)
-    tamper("urn:test:p14", f"{version}|{flip(body, len(body) // 2)}", "refusal")
+    version, deadline, body = refusal.decode().split("|", 2)
+    tamper("urn:test:p14", f"{version}|{deadline}|{flip(body, len(body) // 2)}", "refusal")
     planted = json.dumps({"d": "planted refusal", "e": "invalid_client", "s": 401})
-    tamper("urn:test:p13", f"v2|{planted}", "refusal")  # none stored: planted where nothing was refused
+    until = int(time.time() * 1000) + 3_600_000
+    tamper("urn:test:p13", f"v2|{until}|{planted}", "refusal")  # planted where nothing was refused
     before = authserver.token_requests()
     assert get(reader, "urn:test:p15").status_code == 502  # the control: an intact refusal answers
     assert authserver.token_requests() == before
@@ -303,4 +304,25 @@ def test_a_longer_ttl_on_a_stored_token_does_not_lengthen_its_life(
     assert same["expires_in"] <= lasting["expires_in"], same
     time.sleep(max(0.0, fetched_at + 3.5 - time.monotonic()))  # the 3 s token has expired
     assert token(reader, "urn:test:p11") != expiring
+    assert authserver.token_requests() == before + 1
+
+
+def test_a_longer_ttl_on_a_remembered_refusal_does_not_lengthen_it(
+    write_config: Callable[..., Path], authserver: AuthServerProcess, start_brokers: StartBrokers, redis_url: str
+) -> None:
+    """Defect: a remembered refusal lasted as long as its key's TTL, which is not part of the
+    sealed value: a PEXPIRE on it made every broker answer `upstream_rejected` from it, without
+    asking the authorization server again, for as long as whoever wrote to Redis liked."""
+    config = write_config(extra_config(authserver))
+    env = {"BROKER_CACHE_NEGATIVE_TTL_SECONDS": "1"}
+    writer, reader = start_brokers(config, count=2, workers=1, env=env)
+    authserver.configure(fault="invalid_scope", fault_count=1)
+    assert get(writer, "urn:test:p12").status_code == 502
+    refused_at = time.monotonic()
+    with redis.Redis.from_url(redis_url) as direct:
+        assert direct.pexpire(token_keys(config, "probe", "urn:test:p12").refusal, 3600 * 1000)
+    time.sleep(max(0.0, refused_at + 1.5 - time.monotonic()))  # the refusal was remembered for 1 s
+    before = authserver.token_requests()
+    response = get(reader, "urn:test:p12")
+    assert response.status_code == 200, response.text
     assert authserver.token_requests() == before + 1
