@@ -1,25 +1,30 @@
 """Cache entries: a token as this worker holds it, a remembered refusal, and their stored forms.
 
 A token's times are this process's `time.monotonic()` values, never another host's wall clock
-(spec §4.3): a copy read from Redis is bounded by the key's own PTTL, read in the same round trip,
-so no replica judges freshness by a clock it does not share. The stored form keeps durations
-relative to the fetch:
+(spec §4.3): a copy read from Redis is bounded by the key's own PTTL and by the deadline sealed
+with it, both on Redis's clock (the one clock every broker shares) and read in the same round
+trip, so no replica judges freshness by a clock it does not share. The stored form keeps
+durations relative to the fetch:
 
-    v3|<fence>|<fingerprint>|<window ms>|<kid>.<sealed payload>      encrypted (spec §6.1)
-    v2|<fence>|<fingerprint>|<window ms>|<payload>                   --insecure-plaintext-cache
+    v3|<fence>|<fingerprint>|<window ms>|<deadline>|<kid>.<sealed payload>   encrypted (spec §6.1)
+    v2|<fence>|<fingerprint>|<window ms>|<deadline>|<payload>                --insecure-plaintext-cache
 
     payload = {"t": token, "s": scope, "l": life, "r": refresh, "e": expires_at}
 
+    v3|<deadline>|<kid>.<sealed refusal>     a remembered refusal, until its deadline
+
 `fence` orders writes (it comes with the fetch lock, spec §4.4); `window` is the cached window
-(the key's TTL when written); `l` the token's lifetime and `r` its refresh-ahead point, in ms
-from the fetch. `e`, the writer's wall-clock expiry, is only for what callers are told
-(`expires_at`: the same string from every worker); `expires_in` comes from the monotonic bound.
-The fence, fingerprint and window stay readable in front of the payload so the Lua scripts need
-neither JSON nor the key; they are also the associated data of the encryption, with the Redis
-key, so a value copied to another key or with an edited field does not decrypt. A tombstone
-(`v2|<fence>|-|0|`) keeps the fence of a dropped token for as long as the token would have been
-cached. With encryption on, plaintext values are not trusted: a Redis client that can write
-cannot plant a token. Fingerprints are HMACs under a key derived from the encryption key.
+(the key's TTL when written) and `deadline` its end on Redis's clock (ms since the epoch): the
+key's TTL is not part of the value, so a TTL lengthened in Redis cannot lengthen a token's life.
+`l` is the token's lifetime and `r` its refresh-ahead point, in ms from the fetch. `e`, the
+writer's wall-clock expiry, is only for what callers are told (`expires_at`: the same string from
+every worker); `expires_in` comes from the monotonic bound. The fence, fingerprint, window and
+deadline stay readable in front of the payload so the Lua scripts need neither JSON nor the key;
+they are also the associated data of the encryption, with the Redis key, so a value copied to
+another key or with an edited field does not decrypt. A tombstone (`v2|<fence>|-|0|0|`) keeps the
+fence of a dropped token for as long as the token would have been cached. With encryption on,
+plaintext values are not trusted: a Redis client that can write cannot plant a token.
+Fingerprints are HMACs under a key derived from the encryption key.
 """
 
 from __future__ import annotations
@@ -89,7 +94,9 @@ class Codec:
 
     # -- tokens -----------------------------------------------------------------------------------
 
-    def encode_token(self, entry: CachedToken, key: str) -> bytes:
+    def encode_token(self, entry: CachedToken, key: str, deadline_ms: int) -> bytes:
+        """The stored form of `entry` under `key`, its cached window ending at `deadline_ms` on
+        Redis's clock."""
         payload = json.dumps(
             {
                 "t": entry.access_token,
@@ -102,24 +109,28 @@ class Codec:
         )
         window = _ms(entry.fresh_until - entry.fetched_at)
         if self.keyring is None:
-            return f"{PLAIN}|{entry.fence}|{entry.fingerprint}|{window}|{payload}".encode()
-        head = f"{SEALED}|{entry.fence}|{entry.fingerprint}|{window}"
+            return f"{PLAIN}|{entry.fence}|{entry.fingerprint}|{window}|{deadline_ms}|{payload}".encode()
+        head = f"{SEALED}|{entry.fence}|{entry.fingerprint}|{window}|{deadline_ms}"
         return f"{head}|{self.keyring.seal(payload.encode(), _aad(key, head))}".encode()
 
-    def decode_token(self, raw: bytes, key: str, pttl_ms: int, read_at: float) -> CachedToken | None:
+    def decode_token(self, raw: bytes, key: str, pttl_ms: int, read_at: float, redis_now_ms: int) -> CachedToken | None:
         """The entry as of a read sent at monotonic `read_at` that found `raw` with `pttl_ms` left
-        on its key. None for a tombstone, a value that does not decrypt, or anything unreadable."""
+        on its key at `redis_now_ms` on Redis's clock. None for a tombstone, a value that does not
+        decrypt, or anything unreadable."""
         try:
-            version, fence, fp, window, body = raw.decode().split("|", 4)
-            if fp == TOMBSTONE_FP or pttl_ms <= 0:
+            version, fence, fp, window, deadline, body = raw.decode().split("|", 5)
+            if fp == TOMBSTONE_FP:
                 return None
-            payload = self._open(version, f"{version}|{fence}|{fp}|{window}", body, key)
+            payload = self._open(version, f"{version}|{fence}|{fp}|{window}|{deadline}", body, key)
             if payload is None:
                 return None
+            left_ms = min(pttl_ms, int(deadline) - redis_now_ms)
+            if left_ms <= 0:
+                return None
             d = json.loads(payload)
-            # The key expires when the cached window ends: measured from when we asked, that
+            # The cached window ends at the earlier of the two: measured from when we asked, that
             # bound is conservative, and it is ours, whatever the writer's clock said.
-            fresh_until = read_at + pttl_ms / 1000
+            fresh_until = read_at + left_ms / 1000
             fetched_at = fresh_until - int(window) / 1000
             return CachedToken(
                 access_token=str(d["t"]),
@@ -142,14 +153,23 @@ class Codec:
             return None
         text = raw.decode(errors="replace")
         if ":tok:" in key:
-            parts = text.split("|", 4)
-            if len(parts) < 5 or parts[2] == TOMBSTONE_FP or self._is_current(parts[0], parts[4]):
+            parts = text.split("|", 5)
+            if len(parts) < 6 or parts[2] == TOMBSTONE_FP or self._is_current(parts[0], parts[5]):
                 return None
-            payload = self._open(parts[0], "|".join(parts[:4]), parts[4], key)
+            payload = self._open(parts[0], "|".join(parts[:5]), parts[5], key)
             if payload is None:
                 return None
             fp = self.keyring.fingerprint(str(json.loads(payload)["t"]))  # re-made under the primary too
-            head = f"{SEALED}|{parts[1]}|{fp}|{parts[3]}"
+            head = f"{SEALED}|{parts[1]}|{fp}|{parts[3]}|{parts[4]}"
+            return f"{head}|{self.keyring.seal(payload.encode(), _aad(key, head))}".encode()
+        if ":neg:" in key:
+            parts = text.split("|", 2)
+            if len(parts) < 3 or self._is_current(parts[0], parts[2]):
+                return None
+            payload = self._open(parts[0], "|".join(parts[:2]), parts[2], key)
+            if payload is None:
+                return None
+            head = f"{SEALED}|{parts[1]}"
             return f"{head}|{self.keyring.seal(payload.encode(), _aad(key, head))}".encode()
         version, _, body = text.partition("|")
         if self._is_current(version, body):
@@ -162,17 +182,22 @@ class Codec:
 
     # -- refusals ---------------------------------------------------------------------------------
 
-    def encode_rejection(self, rejection: Rejection, key: str) -> bytes:
+    def encode_rejection(self, rejection: Rejection, key: str, deadline_ms: int) -> bytes:
+        """`v3|<deadline>|<sealed>`: remembered until `deadline_ms` on Redis's clock, whatever
+        the key's TTL says (it is not part of the value)."""
         fields = {"d": rejection.description, "e": rejection.upstream_error, "s": rejection.upstream_status}
         payload = json.dumps(fields)
         if self.keyring is None:
-            return f"{PLAIN}|{payload}".encode()
-        return f"{SEALED}|{self.keyring.seal(payload.encode(), _aad(key, SEALED))}".encode()
+            return f"{PLAIN}|{deadline_ms}|{payload}".encode()
+        head = f"{SEALED}|{deadline_ms}"
+        return f"{head}|{self.keyring.seal(payload.encode(), _aad(key, head))}".encode()
 
-    def decode_rejection(self, raw: bytes, key: str) -> Rejection | None:
+    def decode_rejection(self, raw: bytes, key: str, redis_now_ms: int) -> Rejection | None:
         try:
-            version, body = raw.decode().split("|", 1)
-            payload = self._open(version, version, body, key)
+            version, deadline, body = raw.decode().split("|", 2)
+            if int(deadline) <= redis_now_ms:
+                return None
+            payload = self._open(version, f"{version}|{deadline}", body, key)
             if payload is None:
                 return None
             d = json.loads(payload)

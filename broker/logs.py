@@ -21,8 +21,8 @@ _SENSITIVE_KEY = re.compile(
     r"(secret|password|passwd|authorization|token|assertion|caller_key|api_key|private_key|cookie)",
     re.IGNORECASE,
 )
-# Keys that contain "token" but only name or describe one.
-_SAFE_KEYS = frozenset({"token_type", "token_url", "token_endpoint", "token_fp", "fingerprint"})
+# Keys that contain "token" or "secret" but only name or describe one (fingerprints are HMACs).
+_SAFE_KEYS = frozenset({"token_type", "token_url", "token_endpoint", "token_fp", "secret_fp", "fingerprint"})
 _SECRET_PATTERNS = re.compile(
     r"(eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*)"  # JWTs
     r"|((?:Bearer|Basic)\s+[A-Za-z0-9._~+/=\-]+)"  # Authorization header values

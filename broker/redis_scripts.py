@@ -2,35 +2,58 @@
 else runs Redis commands. Each touches the keys of one (credential, scope set) only, which share a
 hash slot (or one key of its own), so they run unchanged on a Redis Cluster.
 
-Values start `v<N>|<fence>|<fingerprint>|<window ms>|` (broker/entries.py): the scripts read
-that header without JSON, and without the encryption key.
+Values start `v<N>|<fence>|<fingerprint>|<window ms>|<deadline>|` (broker/entries.py): the scripts
+read that header without JSON, and without the encryption key, so they cannot tell an edited one. A
+fence near 2^53 was never issued (the counter counts locks taken) and is read as no fence: a Lua
+number is exact only below 2^53, and Redis cannot return a larger one as an integer. Fences are
+written with %d: Lua's own number-to-string (%.14g) would turn 10^14 into "1e+14".
 """
 
 __all__ = ["ACQUIRE", "DROP_IF", "GET", "GRANT_PUT", "PUT", "RELEASE", "RENEW", "REWRAP", "TAKE_RATE", "VAULT_PUT"]
 
-# A value and its key's PTTL in one round trip: readers bound their copy by the key's own TTL.
+# A value, its key's PTTL and Redis's clock in one round trip: readers bound their copy by the
+# key's own TTL and by the deadline sealed in the value, on the clock every broker shares.
 GET = """
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
-return {v, redis.call('PTTL', KEYS[1])}
+local now = redis.call('TIME')
+return {v, redis.call('PTTL', KEYS[1]), now[1], now[2]}
 """
 
-# Fenced write: refused if the stored value (or tombstone) was written under a later lock.
-# Publishes so every worker can update its L1.
-PUT = """
+# The fence a stored value was written under, or nil (none, or not one a counter gave out).
+_FENCE_OF = """
+local function fence_of(v)
+  local f = string.match(v, '^v%d|(%d+)|')
+  if f and #f <= 16 and tonumber(f) < 2^53 - 2^32 then return tonumber(f) end
+  return nil
+end
+"""
+
+# Fenced write: refused if the stored value (or tombstone) was written under a later lock. The
+# key lives until the value's deadline (ARGV[3], ms on Redis's clock). Publishes so every worker
+# can update its L1.
+PUT = (
+    _FENCE_OF
+    + """
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  local f = tonumber(string.match(cur, '^v%d|(%d+)|'))
+  local f = fence_of(cur)
   if f and f > tonumber(ARGV[1]) then return 0 end
 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+local now = redis.call('TIME')
+local ttl = tonumber(ARGV[3]) - (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+if ttl < 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', string.format('%d', ttl))
 redis.call('PUBLISH', ARGV[4], 'set|' .. ARGV[5] .. '|' .. KEYS[1])
 return 1
 """
+)
 
 # Take the fetch lock (or find it already ours: a retry whose first reply was lost), with a fence
 # above every fence issued or stored for the key. Returns the fence, or 0 when another holds it.
-ACQUIRE = """
+ACQUIRE = (
+    _FENCE_OF
+    + """
 local held = redis.call('GET', KEYS[1])
 if held then
   local owner, f = string.match(held, '^(.-)|(%d+)$')
@@ -43,16 +66,17 @@ end
 local n = redis.call('INCR', KEYS[2])
 local cur = redis.call('GET', KEYS[3])
 if cur then
-  local f = tonumber(string.match(cur, '^v%d|(%d+)|'))
+  local f = fence_of(cur)
   if f and f >= n then
     n = f + 1
     redis.call('SET', KEYS[2], n)
   end
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. n, 'PX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1] .. '|' .. string.format('%d', n), 'PX', ARGV[2])
 return n
 """
+)
 
 # Drop only the token that was reported (its fingerprint is one of ARGV[3..], one per encryption
 # key), so a report about a replaced token is a no-op. The drop leaves a tombstone with the
@@ -60,10 +84,13 @@ return n
 # have been cached. A token younger than ARGV[2] ms is not dropped again while an earlier drop of
 # the key is that recent (a report loop cannot drive fetches).
 # Returns the dropped token's fence, 0 for "not the stored token", -1 for "too soon".
-DROP_IF = """
+DROP_IF = (
+    _FENCE_OF
+    + """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return 0 end
-local f, fp, window = string.match(cur, '^v%d|(%d+)|([^|]+)|(%d+)|')
+local fp, window = string.match(cur, '^v%d|%d+|([^|]+)|(%d+)|')
+local f = fence_of(cur) or 0
 local reported = false
 for i = 3, #ARGV do
   if fp == ARGV[i] then reported = true end
@@ -73,11 +100,12 @@ local pttl = redis.call('PTTL', KEYS[1])
 if pttl < 1 then return 0 end
 local min_age = tonumber(ARGV[2])
 if tonumber(window) - pttl < min_age and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
-redis.call('SET', KEYS[1], 'v2|' .. f .. '|-|0|', 'PX', pttl)
+redis.call('SET', KEYS[1], 'v2|' .. string.format('%d', f) .. '|-|0|0|', 'PX', pttl)
 if min_age > 0 then redis.call('SET', KEYS[2], '1', 'PX', min_age) end
 redis.call('PUBLISH', ARGV[1], 'drop|' .. fp .. '|' .. KEYS[1])
-return tonumber(f)
+return f
 """
+)
 
 # rotate-key: replace a value only if nobody changed it meanwhile, keeping its TTL.
 REWRAP = """
@@ -100,14 +128,27 @@ return 0
 
 
 # The vault document: replaced only by a writer that read the current version (compare-and-set),
-# then announced on the events channel so every worker reloads it at once.
+# then announced on the events channel so every worker reloads it at once. A version that is not
+# up to 15 digits was not written here (edited in Redis): brokers read it as -1, and the writer
+# that read -1 replaces it by Redis's clock in ms, above any count a broker may still hold.
 VAULT_PUT = """
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local stored = redis.call('GET', KEYS[2])
+local current = 0
+if stored then
+  current = -1
+  if string.match(stored, '^%d+$') and #stored <= 15 then current = tonumber(stored) end
+end
 if current ~= tonumber(ARGV[1]) then return 0 end
+local version = current + 1
+if current < 0 then
+  local now = redis.call('TIME')
+  version = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+end
+version = string.format('%d', version)
 redis.call('SET', KEYS[1], ARGV[2])
-local version = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[2], version)
 redis.call('PUBLISH', ARGV[3], 'vault|' .. version .. '|' .. KEYS[1])
-return version
+return tonumber(version)
 """
 
 

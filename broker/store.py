@@ -63,6 +63,7 @@ DEFAULT_PREFIX = "tb"
 _FENCE_TTL_MS = 24 * 3600 * 1000  # the counter outlives any lock; stored values carry their own fence
 _NOT_SEALED = (":lock:", ":fence:", ":inv:", ":secret:", ":{rl:")  # key kinds whose values are not secret
 _WORKING_SECRET_TTL_S = 24 * 3600  # written again by every fetch that uses a fallback secret
+_VAULT_VERSION_DIGITS = 15  # what VAULT_PUT counts exactly (below 2^53); more was never written by it
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +161,7 @@ class Store:
         self.retry_after = retry_after
         self.reachable = True
         self._down_until = 0.0
+        self._redis_offset: float | None = None  # Redis's clock minus our monotonic clock, seconds
         self._get = redis.register_script(scripts.GET)
         self._put = redis.register_script(scripts.PUT)
         self._acquire = redis.register_script(scripts.ACQUIRE)
@@ -222,17 +224,34 @@ class Store:
         found = await self._call(self._get, keys=[keys.token])
         if not found:
             return None
-        raw, pttl = found
-        return self.codec.decode_token(raw, keys.token, int(pttl), read_at)
+        raw, pttl, seconds, micros = found
+        redis_now_ms = int(seconds) * 1000 + int(micros) // 1000
+        self._learn_redis_clock(redis_now_ms)
+        return self.codec.decode_token(raw, keys.token, int(pttl), read_at, redis_now_ms)
 
     async def put(self, keys: TokenKeys, entry: CachedToken) -> bool:
-        """Store `entry` (TTL: what is left of its cached window) unless the stored value was
-        written under a later fence. False: refused, or nothing left to store."""
-        ttl_ms = int((entry.fresh_until - self.clock.monotonic()) * 1000)
-        if ttl_ms < 1:
+        """Store `entry` until its cached window ends, unless the stored value was written under a
+        later fence. False: refused, or nothing left to store."""
+        if entry.fresh_until - self.clock.monotonic() < 0.001:
             return False
-        args = [entry.fence, self.codec.encode_token(entry, keys.token), ttl_ms, self.keys.events, entry.fingerprint]
+        # The window's end on Redis's clock, sealed with the value: its TTL alone is not part of it.
+        deadline_ms = int((entry.fresh_until + await self._redis_clock_offset()) * 1000)
+        value = self.codec.encode_token(entry, keys.token, deadline_ms)
+        args = [entry.fence, value, deadline_ms, self.keys.events, entry.fingerprint]
         return bool(await self._call(self._put, keys=[keys.token], args=args))
+
+    def _learn_redis_clock(self, redis_now_ms: int) -> None:
+        # Taken when the answer is in: Redis read its clock before that, so the offset is never
+        # larger than the real one (a deadline made from it is early by a round trip at most).
+        self._redis_offset = redis_now_ms / 1000 - self.clock.monotonic()
+
+    async def _redis_clock_offset(self) -> float:
+        """Redis's clock minus our monotonic clock (seconds), as of the last read."""
+        if self._redis_offset is None:
+            seconds, micros = await self._call(self.redis.time)
+            self._learn_redis_clock(int(seconds) * 1000 + int(micros) // 1000)
+        assert self._redis_offset is not None  # noqa: S101 - set just above
+        return self._redis_offset
 
     async def drop_if(self, keys: TokenKeys, access_token: str, min_interval: float) -> int:
         """Drop the stored token if it is `access_token` → its fence; 0 if another token (or
@@ -259,12 +278,19 @@ class Store:
     # -- refusals ---------------------------------------------------------------------------------
 
     async def put_rejection(self, keys: TokenKeys, rejection: Rejection, ttl_seconds: float) -> None:
-        value = self.codec.encode_rejection(rejection, keys.refusal)
-        await self._call(self.redis.set, keys.refusal, value, px=max(1, int(ttl_seconds * 1000)))
+        ttl_ms = max(1, int(ttl_seconds * 1000))
+        deadline_ms = int((self.clock.monotonic() + await self._redis_clock_offset()) * 1000) + ttl_ms
+        value = self.codec.encode_rejection(rejection, keys.refusal, deadline_ms)
+        await self._call(self.redis.set, keys.refusal, value, px=ttl_ms)
 
     async def get_rejection(self, keys: TokenKeys) -> Rejection | None:
-        raw = await self._call(self.redis.get, keys.refusal)
-        return self.codec.decode_rejection(raw, keys.refusal) if raw else None
+        found = await self._call(self._get, keys=[keys.refusal])  # the value and Redis's clock
+        if not found:
+            return None
+        raw, _, seconds, micros = found
+        redis_now_ms = int(seconds) * 1000 + int(micros) // 1000
+        self._learn_redis_clock(redis_now_ms)
+        return self.codec.decode_rejection(raw, keys.refusal, redis_now_ms)
 
     # -- client secret rotation (spec §6.5) ------------------------------------------------------
 
@@ -307,15 +333,14 @@ class Store:
     # -- the vault document (spec §3.6) -------------------------------------------------------------
 
     async def vault_version(self) -> int:
-        raw = await self._call(self.redis.get, self.keys.vault_version)
-        return int(raw) if raw else 0
+        return _vault_version(await self._call(self.redis.get, self.keys.vault_version))
 
     async def get_vault(self) -> tuple[int, bytes | None]:
         """(version, the opened document) — None when there is none, or it does not open."""
         version, raw = await self._call(self.redis.mget, [self.keys.vault_version, self.keys.vault_document])
         if not raw:
-            return (int(version) if version else 0), None
-        return (int(version) if version else 0), self.codec.open(raw, self.keys.vault_document)
+            return _vault_version(version), None
+        return _vault_version(version), self.codec.open(raw, self.keys.vault_document)
 
     async def put_vault(self, expected_version: int, document: bytes) -> int:
         """Write the document if the stored version is still `expected_version` → the new version,
@@ -340,9 +365,18 @@ class Store:
         raw = await self._call(self.redis.get, keys.grant)
         if not raw:
             return 0, None
-        _, version, body = raw.decode().split("|", 2)
-        opened = self.codec.open(body.encode(), f"{keys.grant}|{version}")
-        return int(version), (json.loads(opened) if opened is not None else None)
+        # The version as GRANT_PUT reads it (0 when there is none): a record edited in Redis is
+        # one that does not open, and the next login replaces it.
+        head, _, rest = bytes(raw).partition(b"|")
+        digits, sep, body = rest.partition(b"|")
+        if head != b"g1" or not digits.isdigit() or not sep:
+            return 0, None
+        opened = self.codec.open(body, f"{keys.grant}|{digits.decode()}")
+        try:
+            record = json.loads(opened) if opened is not None else None
+        except ValueError:
+            record = None
+        return int(digits), record if isinstance(record, dict) else None
 
     async def put_grant(
         self, keys: TokenKeys, expected_version: int, record: dict[str, Any], ttl: float, lock: Lock | None = None
@@ -377,3 +411,12 @@ class Store:
             if ":tok:" in key:
                 await self._call(self.redis.publish, self.keys.events, f"drop|-|{key}")
         return deleted
+
+
+def _vault_version(raw: bytes | None) -> int:
+    """The vault version as stored: 0 for none, -1 for one no broker wrote (edited in Redis). -1
+    differs from every version a broker holds, so each one reloads the document; the next change
+    writes a fresh version (VAULT_PUT)."""
+    if not raw:
+        return 0
+    return int(raw) if raw.isdigit() and len(raw) <= _VAULT_VERSION_DIGITS else -1

@@ -24,7 +24,16 @@ from broker.callers import hash_key, new_caller_key
 from broker.embedded_redis import EmbeddedRedis
 from broker.settings import Settings, load_settings
 from broker.vault.keyring import new_key
-from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess, BrokerProcess, kill_tree
+from tests import leakwatch
+from tests.leakwatch import add_secret
+from tests.support import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    WEIRD_CLIENT_SECRET,
+    AuthServerProcess,
+    BrokerProcess,
+    kill_tree,
+)
 
 # Keys for the callers every test config declares, and for its admin.
 CALLER_KEYS = {"billing": new_caller_key(), "reporting": new_caller_key()}
@@ -34,6 +43,16 @@ SECRET_ENV = "TB_TEST_CLIENT_SECRET"
 # environment from the start, so brokers of session- and module-scoped fixtures get it too.
 ENCRYPTION_KEYS = os.environ.setdefault("BROKER_ENCRYPTION_KEYS", f"suite:{new_key()}")
 READ, WRITE, ADMIN = "urn:test:claims.read", "urn:test:claims.write", "urn:test:admin"
+add_secret("client secret", CLIENT_SECRET, WEIRD_CLIENT_SECRET)
+add_secret("caller key", *CALLER_KEYS.values())
+add_secret("admin key", ADMIN_KEY)
+add_secret("encryption key", *(item.partition(":")[2].strip() for item in ENCRYPTION_KEYS.split(",")))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every test runs under the leak watch: no secret in a log line or an answer (tests/leakwatch.py)."""
+    if not config.pluginmanager.is_registered(leakwatch):
+        config.pluginmanager.register(leakwatch, "leakwatch")
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +124,7 @@ def start_brokers(request: pytest.FixtureRequest) -> Iterator[StartBrokers]:
             lines = [line for line in broker.output().splitlines() if '"event": "request"' not in line]
             tail = "\n".join(lines[-40:])
             print(f"\n--- broker on port {broker.port}, last log lines (request lines left out) ---\n{tail}")
-        broker.log_path.unlink(missing_ok=True)
+        broker.discard_log()
 
 
 @pytest.fixture(autouse=True)

@@ -12,9 +12,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import httpx
 import redis
@@ -69,9 +71,10 @@ def stored_token(redis_url: str, keys: TokenKeys) -> CachedToken | None:
     with redis.Redis.from_url(redis_url) as client:
         read_at = time.monotonic()
         with client.pipeline(transaction=True) as pipe:
-            raw, pttl = pipe.get(keys.token).pttl(keys.token).execute()
+            raw, pttl, (seconds, micros) = pipe.get(keys.token).pttl(keys.token).time().execute()
     codec = Codec(KeyRing.parse(os.environ["BROKER_ENCRYPTION_KEYS"]))
-    return codec.decode_token(raw, keys.token, int(pttl), read_at) if raw else None
+    redis_now_ms = seconds * 1000 + micros // 1000
+    return codec.decode_token(raw, keys.token, int(pttl), read_at, redis_now_ms) if raw else None
 
 
 def free_port() -> int:
@@ -343,19 +346,36 @@ class LoginForm(html.parser.HTMLParser):
 
 
 class BrokerProcess:
-    """A real `token-broker serve` process (uvicorn, N workers) on a free port."""
+    """A real `token-broker serve` process (uvicorn, N workers) on a free port. `cwd` is where
+    `python -m broker` finds the package: another tree (an older release) runs that tree's code.
+
+    Every instance is in `BrokerProcess.instances`, and what it logged can be read piece by piece
+    (`unread_output`): the suite's leak watch (tests/leakwatch.py) reads every line once, and
+    `discard_log` hands it what is left before the file goes. `args` go to `serve` as they are."""
+
+    instances: ClassVar[weakref.WeakSet[BrokerProcess]] = weakref.WeakSet()
+    on_discard: ClassVar[Callable[[BrokerProcess, str], None] | None] = None
 
     def __init__(
-        self, config: Path, *, workers: int = 1, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+        self,
+        config: Path,
+        *,
+        workers: int = 1,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        cwd: Path = REPO_ROOT,
     ) -> None:
         self.config = config
         self.workers = workers
         self.env = env or {}
         self.args = args
+        self.cwd = cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="tb-broker-", suffix=".log")[1])
+        self._read_up_to = 0
+        BrokerProcess.instances.add(self)
 
     def start(self, timeout: float = 30.0) -> Self:
         cmd = [
@@ -372,8 +392,8 @@ class BrokerProcess:
             *self.args,
         ]
         env = {**os.environ, **self.env}
-        with self.log_path.open("wb") as out:
-            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        with self.log_path.open("ab") as out:  # a restarted broker's log follows its earlier one
+            self.proc = subprocess.Popen(cmd, cwd=self.cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         # every worker must be up: /readyz answers 200 only after a worker saw Redis
         wait_http(f"{self.url}/readyz", timeout=timeout, proc=self.proc, log_path=self.log_path)
@@ -386,6 +406,24 @@ class BrokerProcess:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def unread_output(self, *, partial: bool = False) -> str:
+        """What the broker logged since the last call (whole lines only, unless `partial`)."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._read_up_to)
+                data = log.read()
+        except OSError:
+            return ""
+        if not partial:
+            data = data[: data.rfind(b"\n") + 1]
+        self._read_up_to += len(data)
+        return data.decode(errors="replace")
+
+    def discard_log(self) -> None:
+        if BrokerProcess.on_discard is not None:
+            BrokerProcess.on_discard(self, self.unread_output(partial=True))
+        self.log_path.unlink(missing_ok=True)
+
     def stop(self) -> None:
         terminate(self.proc, timeout=15)
         self.proc = None
@@ -395,7 +433,7 @@ class BrokerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        self.log_path.unlink(missing_ok=True)
+        self.discard_log()
 
 
 _PROC = Path("/proc")

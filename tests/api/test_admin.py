@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 from structlog.testing import capture_logs
 
 from broker.api import create_app
+from broker.logs import redact
 from broker.settings import Settings
 from tests.conftest import ADMIN_KEY, CALLER_KEYS, READ, SECRET_ENV, WRITE, admin_auth, auth
 from tests.support import CLIENT_ID, CLIENT_SECRET, AuthServerProcess
@@ -269,3 +270,18 @@ def test_a_credential_named_vault_or_login_cannot_touch_the_vaults_own_keys(
         assert admin_client.delete(f"{ADMIN}/credentials/{name}", headers=admin_auth()).status_code == 204
     callers = [c["name"] for c in admin_client.get(f"{ADMIN}/callers", headers=admin_auth()).json()["callers"]]
     assert "shipping" in callers
+
+
+def test_the_audit_event_of_a_credential_change_keeps_the_secrets_fingerprint(
+    admin_client: TestClient, authserver: AuthServerProcess
+) -> None:
+    """Defect: the log redactor masked every field whose name contains "secret", so the audit
+    event's `secret_fp` (an HMAC, the one way to tell which secret a change set) was always
+    "[redacted]" in the log."""
+    with capture_logs(processors=[redact]) as logs:
+        created = admin_client.put(
+            f"{ADMIN}/credentials/orders", headers=admin_auth(), json=credential_table(authserver)
+        )
+    (change,) = [e for e in logs if e["event"] == "audit.admin_change"]
+    assert change["secret_fp"] == created.json()["client_secret"]["fingerprint"]
+    assert CLIENT_SECRET not in json.dumps(logs, default=str)

@@ -321,3 +321,30 @@ async def test_a_full_pool_does_not_serve_l1_without_the_subscription(
                 await tokens.get(credential, READ)
             assert tokens.store.reachable
     assert authserver.token_requests() == 0
+
+
+# -- a user's grant record edited in Redis ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "edited",
+    [b"garbage", b"g1|x|body", b"g1|7", b"g1|7|not-json", b"g1|7|p|[1, 2]", b"g2|7|p|{}", b"\xff\xfe|1|x"],
+)
+async def test_a_grant_record_edited_in_redis_reads_as_none_and_the_next_login_replaces_it(
+    store: Store, redis_url: str, edited: bytes
+) -> None:
+    """Defect: a grant record that was not `g1|<digits>|<sealed JSON object>` raised from
+    get_grant (ValueError from the split, int() or json.loads), a 500 on the user's token request
+    and on their next login, which could then never replace it. Now it reads as no grant (the
+    user must log in again) and the login's write succeeds."""
+    keys = store.keys.for_token("users", SHAPE, "openid", subject="alice")
+    raw = connect(redis_url)
+    try:
+        await raw.set(keys.grant, edited, px=60_000)
+        version, record = await store.get_grant(keys)
+        assert record is None
+        assert await store.put_grant(keys, version, {"sub": "alice", "status": "active"}, 60) == 1
+        assert (await store.get_grant(keys))[1] == {"sub": "alice", "status": "active"}
+    finally:
+        await raw.delete(keys.grant)
+        await raw.aclose()
