@@ -88,21 +88,6 @@ def brokers(settings: Settings, clock: FakeClock) -> Iterator[tuple[TestClient, 
         yield fast, slow
 
 
-@pytest.fixture
-def served(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """One entry per request that reached the fast path's checks: True if it answered it."""
-    calls: list[bool] = []
-    original = FastPath._hit
-
-    def spy(self: FastPath, scope: dict[str, Any]) -> Any:
-        answer = original(self, scope)
-        calls.append(answer is not None)
-        return answer
-
-    monkeypatch.setattr(FastPath, "_hit", spy)
-    return calls
-
-
 def answer(client: TestClient, method: str, url: str, headers: dict[str, str]) -> tuple[int, list[Any], bytes]:
     response = client.request(method, url, headers=headers)
     return response.status_code, response.headers.multi_items(), response.content

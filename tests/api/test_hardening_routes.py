@@ -16,7 +16,6 @@ from starlette.testclient import TestClient
 
 from broker import redis_client
 from broker.api import create_app
-from broker.api.fastpath import FastPath
 from broker.api.state import Broker
 from broker.callers import hash_key, new_caller_key
 from broker.clock import FakeClock
@@ -67,21 +66,6 @@ def broker_of(client: TestClient) -> Broker:
 def cached(redis_url: str) -> list[str]:
     with redis.Redis.from_url(redis_url) as direct:
         return sorted(key.decode() for key in direct.scan_iter(match="tb:*"))
-
-
-@pytest.fixture
-def served(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """One entry per request that reached the fast path's checks: True if it answered it."""
-    calls: list[bool] = []
-    original = FastPath._hit
-
-    def spy(self: FastPath, scope: dict[str, Any]) -> Any:
-        answer = original(self, scope)
-        calls.append(answer is not None)
-        return answer
-
-    monkeypatch.setattr(FastPath, "_hit", spy)
-    return calls
 
 
 @pytest.fixture

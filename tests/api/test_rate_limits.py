@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
 from broker.api import create_app
-from broker.api.fastpath import FastPath
 from broker.callers import hash_key, new_caller_key
 from broker.settings import load_settings
 from tests.api.helpers import WWW_AUTHENTICATE, assert_error
@@ -53,21 +51,6 @@ def app_with(write_config: Callable[..., Path]) -> Iterator[Callable[..., TestCl
     yield make
     for client in clients:
         client.__exit__(None, None, None)
-
-
-@pytest.fixture
-def served(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """One entry per request that reached the fast path's checks: True if it answered it."""
-    calls: list[bool] = []
-    original = FastPath._hit
-
-    def spy(self: FastPath, scope: dict[str, Any]) -> Any:
-        answer = original(self, scope)
-        calls.append(answer is not None)
-        return answer
-
-    monkeypatch.setattr(FastPath, "_hit", spy)
-    return calls
 
 
 def test_over_the_limit_is_429_with_retry_after_and_costs_no_token(
