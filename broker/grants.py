@@ -7,7 +7,7 @@
             ─▶ POST grant_type=refresh_token ─▶ write the rotated refresh token (CAS) ─▶ token
         invalid_grant: re-read; another process rotated it → adopt its token; else the grant is dead
         answer lost (maybe spent): stays "pending"; the next try retries within
-            rotation_grace_seconds, else the grant is dead (reauthorization_required)
+            rotation_grace_seconds of the first sending, else the grant is dead (reauthorization_required)
 
 So no two processes ever send the same refresh token (the authorization server would revoke
 the whole grant, RFC 9700 §4.14), and the rotated refresh token is in Redis before the access
@@ -76,16 +76,19 @@ class SubjectRefresh:
         version, record = await self.store.get_grant(keys)
         if record is None or record.get("status") == "reauth" or not record.get("refresh_token"):
             raise ReauthorizationRequired("This user's grant is gone: they must log in again.")
+        pending_since = self.clock.now()
         if record.get("status") == "pending":
-            lost_for = self.clock.now() - float(record.get("pending_since", 0))
-            if lost_for > credential.rotation_grace_seconds:
+            pending_since = float(record.get("pending_since", 0))
+            if self.clock.now() - pending_since > credential.rotation_grace_seconds:
                 # An earlier refresh was sent and its answer never came back: the refresh token
                 # may be spent. Sending it again could revoke the whole grant; stop here.
                 await self._mark_dead(keys, version, record, "a refresh answer was lost", lock)
                 raise ReauthorizationRequired(
                     "A refresh of this user's token was lost on its way back: they must log in again."
                 )
-        pending = {**record, "status": "pending", "pending_since": self.clock.now()}
+            # A retry within the grace keeps the first sending time: the server's grace runs from
+            # the first use of this refresh token, however many answers were lost since.
+        pending = {**record, "status": "pending", "pending_since": pending_since}
         written = await self.store.put_grant(keys, version, pending, GRANT_TTL, lock)
         if written == -1:
             raise UpstreamUnavailable("The fetch lock was lost before the refresh token was spent.", retry_after=1)

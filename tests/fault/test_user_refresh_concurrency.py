@@ -251,3 +251,36 @@ async def test_a_lost_refresh_answer_is_never_spent_twice(
         assert len({r.json()["access_token"] for r in responses if r.status_code == 200}) == 1
         grant = no_double_spend(authserver)
         assert (grant["refreshes"], grant["grace_reuses"]) == (2, 1)
+
+
+async def test_a_refresh_retried_after_two_lost_answers_keeps_the_first_sending_time(
+    tmp_path: Path, redis_url: str, short_tokens: AuthServerProcess, start_brokers: StartBrokers
+) -> None:
+    """Defect: a retry within `rotation_grace_seconds` marked the grant "pending" again with a new
+    time, so after a second lost answer the grace was counted from the retry, not from when the
+    refresh token was first sent (which is when the server's grace starts): a third try sent the
+    rotated refresh token after the server's grace and the server revoked the whole grant.
+    Now the first sending time stays: past the grace, the subject needs a new login (409), and
+    the grant upstream is not revoked."""
+    authserver = short_tokens
+    grace = 4
+    config, brokers, subject = await start_fleet(tmp_path, redis_url, authserver, start_brokers, grace=grace)
+    async with httpx.AsyncClient(base_url=brokers[1].url, timeout=15, trust_env=False) as client:
+        await asyncio.sleep(STALE)
+        authserver.configure(refresh_fault="close_after", refresh_fault_count=2)
+        sent = time.monotonic()
+        lost = await ask(client, subject)  # rotated upstream, answer lost
+        assert lost.status_code == 503, lost.text
+        await asyncio.sleep(max(0.0, sent + grace * 0.6 - time.monotonic()))
+        retried = await ask(client, subject)  # within the grace: sent again, lost again
+        assert retried.status_code == 503, retried.text
+        assert the_grant(authserver)["grace_reuses"] == 1
+        await asyncio.sleep(max(0.0, sent + grace * 1.25 - time.monotonic()))
+        third = await ask(client, subject)  # past the grace counted from the first sending
+        assert third.status_code == 409, third.text
+        assert third.json()["error"] == "reauthorization_required"
+    grant = no_double_spend(authserver)
+    assert grant["refreshes"] == 2
+    _, record = grant_record(redis_url, subject_keys(config, subject))
+    assert record is not None
+    assert record["status"] == "reauth"
