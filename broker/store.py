@@ -256,6 +256,11 @@ class Store:
     async def lock_held(self, keys: TokenKeys) -> bool:
         return bool(await self._call(self.redis.exists, keys.lock))
 
+    async def lock_is_held(self, key: str, value: str) -> bool:
+        """The lock `key` (a Lock's) is still held by the holder whose value is `value`."""
+        held = await self._call(self.redis.get, key)
+        return (held.decode(errors="replace") if isinstance(held, bytes) else held) == value
+
     # -- refusals ---------------------------------------------------------------------------------
 
     async def put_rejection(self, keys: TokenKeys, rejection: Rejection, ttl_seconds: float) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import StartBrokers, auth
+from tests.conftest import READ, WRITE, StartBrokers, auth
 from tests.fault.conftest import until
 from tests.integration.workers import pin_workers
 from tests.support import AuthServerProcess, BrokerProcess, kill_tree
@@ -284,3 +284,33 @@ async def test_a_refresh_retried_after_two_lost_answers_keeps_the_first_sending_
     _, record = grant_record(redis_url, subject_keys(config, subject))
     assert record is not None
     assert record["status"] == "reauth"
+
+
+async def test_two_scope_sets_of_one_subject_refreshing_at_once_both_get_a_token(
+    tmp_path: Path, redis_url: str, short_tokens: AuthServerProcess, start_brokers: StartBrokers
+) -> None:
+    """Defect: the fetch lock is per scope set, the grant per subject. A refresh of one scope set
+    found the grant "pending" because another scope set's refresh was out at that moment, took
+    that for a lost answer and marked the grant dead (or, within a grace, sent the same refresh
+    token a second time): the user had to log in again for nothing. Now a refresh whose holder is
+    still at work is waited for, and the next one spends the rotated refresh token."""
+    authserver = short_tokens
+    both = f"{READ} {WRITE}"
+    config, (a, b), subject = await start_fleet(tmp_path, redis_url, authserver, start_brokers, scope=both)
+    authserver.configure(refresh_delay=1.0)
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=15, trust_env=False) as to_a,
+        httpx.AsyncClient(base_url=b.url, timeout=15, trust_env=False) as to_b,
+    ):
+        await asyncio.sleep(STALE)
+        first = asyncio.create_task(ask(to_a, subject, scope=READ))
+        await until(lambda: authserver.stats()["refresh_requests"] >= 1, 5, "the first refresh")
+        second = await ask(to_b, subject, scope=both)
+        answers = [await first, second]
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    assert [r.json()["scope"] for r in answers] == [READ, both]
+    grant = no_double_spend(authserver)
+    assert (grant["refreshes"], grant["grace_reuses"]) == (2, 0)
+    _, record = grant_record(redis_url, subject_keys(config, subject, both))
+    assert record is not None
+    assert record["status"] == "active"
