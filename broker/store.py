@@ -373,7 +373,8 @@ class Store:
         return json.loads(opened) if opened is not None else None
 
     async def purge_subject(self, credential: str, subject_keys: TokenKeys) -> int:
-        """Forget a subject: its grant and every token, each drop announced so L1 copies go too."""
+        """Forget a subject: its grant and every token, each drop announced so L1 copies go too,
+        and the grant's too (cached tokens or not), so no worker goes on by what it remembered."""
         tag = subject_keys.grant.removesuffix(":grant")
         deleted = 0
         async for name in self.redis.scan_iter(match=f"{tag}:*", count=500):
@@ -381,4 +382,5 @@ class Store:
             deleted += int(await self._call(self.redis.delete, key))
             if ":tok:" in key:
                 await self._call(self.redis.publish, self.keys.events, f"drop|-|{key}")
+        await self._call(self.redis.publish, self.keys.events, f"drop|-|{subject_keys.grant}")
         return deleted

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import redis
 
+from broker.callers import hash_key, new_caller_key
 from broker.entries import Codec
 from broker.settings import load_settings
 from broker.store import Keys, TokenKeys
@@ -21,9 +22,11 @@ from tests.conftest import READ, SECRET_ENV, WRITE, auth, config_text
 from tests.support import CLIENT_ID, AuthServerProcess
 
 __all__ = [
+    "AUDIT_KEY",
     "CALLBACK_PATH",
     "PLACEHOLDER_URL",
     "PORTAL",
+    "audit",
     "grant_record",
     "log_in",
     "portal_config",
@@ -36,6 +39,11 @@ PORTAL = "portal"
 CALLBACK_PATH = "/v1/oauth/callback"
 # Where the authorization server sends the browser back to when the test calls the callback itself
 PLACEHOLDER_URL = "http://broker.test"
+AUDIT_KEY = new_caller_key()  # caller `audit`: reads only the users who logged in through it
+
+
+def audit() -> dict[str, str]:
+    return {"Authorization": f"Bearer {AUDIT_KEY}"}
 
 
 def portal_config(
@@ -47,7 +55,8 @@ def portal_config(
     return_to_allow: tuple[str, ...] = ("https://app.example.com/done",),
 ) -> str:
     """The suite's config plus credential `portal` (authorization code grant, READ and WRITE):
-    `billing` reads the users who logged in through it, `reporting` every user's (READ only)."""
+    `billing` and `audit` read the users who logged in through them, `reporting` every user's
+    (READ only)."""
     allow = ", ".join(json.dumps(prefix) for prefix in return_to_allow)
     extra = textwrap.dedent(
         f"""
@@ -70,7 +79,9 @@ def portal_config(
     assert billing in text, "config_text changed shape: update portal_config"
     assert reporting in text, "config_text changed shape: update portal_config"
     text = text.replace(billing, f'{billing}{PORTAL} = ["{READ}", "{WRITE}"]\n')
-    return text.replace(reporting, f'{reporting}{PORTAL} = {{ scopes = ["{READ}"], subjects = "any" }}\n')
+    text = text.replace(reporting, f'{reporting}{PORTAL} = {{ scopes = ["{READ}"], subjects = "any" }}\n')
+    audit_caller = f'[callers.audit]\nkey_sha256 = "{hash_key(AUDIT_KEY)}"\n[callers.audit.grants]\n'
+    return f'{text}\n{audit_caller}{PORTAL} = ["{READ}"]\n'
 
 
 def write_portal_config(
@@ -97,7 +108,8 @@ def log_in(
     the broker's callback (as JSON) → the subject."""
     body = {"scope": scope} if scope is not None else {}
     with httpx.Client(base_url=broker_url, timeout=15, trust_env=False) as client:
-        started = client.post(f"/v1/authorizations/{PORTAL}", json=body, headers=auth(caller))
+        headers = audit() if caller == "audit" else auth(caller)
+        started = client.post(f"/v1/authorizations/{PORTAL}", json=body, headers=headers)
         assert started.status_code == 200, started.text
         back = authserver.login(started.json()["authorize_url"], user)
         assert back.path == CALLBACK_PATH, back

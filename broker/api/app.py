@@ -139,13 +139,27 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         limiter = RateLimiter(store, tokens.stats, clock)
         registry.on_credentials_changed(tokens.forget)
 
+        logins = Logins(
+            store,
+            tokens,
+            upstream,
+            public_url=settings.server.public_url,
+            request_deadline=settings.server.request_deadline_seconds,
+            clock=clock,
+        )
+
         def on_event(event: Event) -> None:
             if event.op == "vault":
                 vault.poke()
             else:
                 tokens.on_event(event)
+                logins.on_event(event)
 
-        subscriber = EventSubscriber(redis, store.keys.events, on_event, tokens.on_subscription)
+        def on_subscription(live: bool) -> None:
+            tokens.on_subscription(live)
+            logins.on_subscription(live)
+
+        subscriber = EventSubscriber(redis, store.keys.events, on_event, on_subscription)
         health = Health()
         audit = AuditTrail()
         audit.start()
@@ -158,14 +172,6 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         await subscriber.wait_live(2.0)
         try:
             keys = SigningKeys(http, settings.upstream, deadline_seconds=settings.server.request_deadline_seconds)
-            logins = Logins(
-                store,
-                tokens,
-                upstream,
-                public_url=settings.server.public_url,
-                request_deadline=settings.server.request_deadline_seconds,
-                clock=clock,
-            )
             yield {
                 "broker": Broker(
                     settings,

@@ -16,7 +16,7 @@ from tests.conftest import StartBrokers, auth
 from tests.fault.conftest import until
 from tests.integration.workers import pin_workers
 from tests.support import AuthServerProcess, BrokerProcess
-from tests.users import PORTAL, log_in, subject_path, write_portal_config
+from tests.users import PORTAL, audit, log_in, subject_path, write_portal_config
 
 pytestmark = pytest.mark.slow
 
@@ -74,9 +74,14 @@ async def test_logout_revokes_upstream_and_forgets_the_subject_on_every_replica(
             return all(r.status_code != 200 for r in await everywhere())
 
         await until(forgotten_everywhere, 3, "every worker to drop its copy")
+        # billing reads the users who logged in through it: this one is now unknown, like any
+        # other (403); `reporting` (subjects = "any") is told the user must log in again
         after = await everywhere()
-        assert [r.status_code for r in after] == [409] * 4, [r.text for r in after]
-        assert {r.json()["error"] for r in after} == {"reauthorization_required"}
+        assert [r.status_code for r in after] == [403] * 4, [r.text for r in after]
+        assert {r.json()["error"] for r in after} == {"access_denied"}
+        anyone = await asyncio.gather(*(w.get(path, headers=auth("reporting")) for w in workers))
+        assert [r.status_code for r in anyone] == [409] * 4, [r.text for r in anyone]
+        assert {r.json()["error"] for r in anyone} == {"reauthorization_required"}
         # what asking again leaves: the fetch lock's fence counter (a number, expiring), no data
         assert all(":fence:" in key for key in subject_keys_in(redis_url))
         assert authserver.stats()["refresh_requests"] == 0  # nobody spent anything for it
@@ -86,6 +91,29 @@ async def test_logout_revokes_upstream_and_forgets_the_subject_on_every_replica(
         again = await everywhere()
         assert [r.status_code for r in again] == [200] * 4, [r.text for r in again]
         assert {r.json()["access_token"] for r in again} != {token}
+
+
+async def test_after_a_logout_no_replica_lets_a_caller_read_what_the_user_gave_another_caller(
+    tmp_path: Path, redis_url: str, authserver: AuthServerProcess, start_brokers: StartBrokers
+) -> None:
+    """Defect: each worker remembered for a minute which subjects a caller may read (the fast path
+    reads no grant), and a logout did not make them forget: a user who logged out and in again
+    through another caller had the new login's token read by the first caller on every worker
+    that remembered it. Now a logout's drop event makes every worker check again."""
+    config = write_portal_config(tmp_path / "users.toml", redis_url, authserver)
+    brokers = start_brokers(config, count=2, workers=2)
+    async with contextlib.AsyncExitStack() as stack:
+        workers = await pinned(brokers, stack)
+        subject = log_in(brokers[0].url, authserver)  # through billing
+        path = subject_path(subject)
+        held = await asyncio.gather(*(w.get(path, headers=auth()) for w in workers))
+        assert [r.status_code for r in held] == [200] * 4  # every worker remembers: billing may
+        assert (await workers[0].delete(path, headers=auth())).status_code == 204
+        assert log_in(brokers[1].url, authserver, caller="audit") == subject
+        assert (await workers[1].get(path, headers=audit())).status_code == 200
+        after = await asyncio.gather(*(w.get(path, headers=auth()) for w in workers))
+        assert [r.status_code for r in after] == [403] * 4, [r.text for r in after]
+        assert {r.json()["error"] for r in after} == {"access_denied"}
 
 
 @pytest.mark.parametrize("upstream", ["no revocation endpoint", "revocation fails"])
@@ -104,7 +132,7 @@ async def test_logout_forgets_the_subject_even_when_upstream_cannot_revoke(
         gone = await client.delete(subject_path(subject), headers=auth())
         assert gone.status_code == 204, gone.text
         assert subject_keys_in(redis_url) == []
-        after = await client.get(subject_path(subject), headers=auth())
+        after = await client.get(subject_path(subject), headers=auth("reporting"))
         assert after.status_code == 409, after.text
     assert authserver.stats()["revocations"] == []
     assert not next(iter(authserver.grants().values()))["revoked"]
