@@ -142,17 +142,39 @@ async def test_two_brokers_refreshing_one_subject_at_once_spend_each_refresh_tok
             seen |= tokens
             refreshes = the_grant(authserver)["refreshes"]
             assert refreshes == base + round_, f"round {round_}: {refreshes - base} refreshes in {round_} rounds"
+            # the rotated refresh token was in Redis before the access token went out
+            version, record = grant_record(redis_url, keys)
+            assert record is not None
+            assert (version, record["status"]) == (1 + 2 * refreshes, "active"), f"round {round_}"
     grant = no_double_spend(authserver)
     assert grant["refreshes"] == base + ROUNDS
     assert grant["grace_reuses"] == 0
     assert answered == 4 * ROUNDS
-    version, record = grant_record(redis_url, keys)
-    assert record is not None
-    assert record["status"] == "active"
-    assert version == 1 + 2 * (base + ROUNDS)  # the login, then "pending" and the rotated token per refresh
     print(
         f"\n{ROUNDS} rounds x 4 callers: {grant['refreshes']} refreshes, revoked={grant['revoked']}, {answered} answers"
     )
+
+
+async def test_a_grant_the_server_no_longer_accepts_needs_a_new_login_on_every_worker(
+    tmp_path: Path, redis_url: str, short_tokens: AuthServerProcess, start_brokers: StartBrokers
+) -> None:
+    """`invalid_grant` (the user withdrew consent): one refresh tried, then 409
+    `reauthorization_required` everywhere without asking again, until the user logs in again."""
+    authserver = short_tokens
+    _, brokers, subject = await start_fleet(tmp_path, redis_url, authserver, start_brokers)
+    async with contextlib.AsyncExitStack() as stack:
+        fleet = await Fleet.pin(brokers, stack)
+        authserver.revoke_grants(sub=subject)
+        await asyncio.sleep(STALE)
+        for _ in range(3):
+            dead = await at_once(fleet.clients, subject)
+            assert [r.status_code for r in dead] == [409] * 4, [r.text for r in dead]
+            assert {r.json()["error"] for r in dead} == {"reauthorization_required"}
+        assert authserver.stats()["refresh_requests"] == 1
+        assert log_in(brokers[1].url, authserver) == subject
+        back = await at_once(fleet.clients, subject, min_ttl="0")
+        assert [r.status_code for r in back] == [200] * 4, [r.text for r in back]
+        assert authserver.stats()["refresh_requests"] == 1
 
 
 async def hold_and_kill(fleet: Fleet, holder: BrokerProcess, authserver: AuthServerProcess, subject: str) -> list[Any]:
