@@ -205,7 +205,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         routes=[
             Route("/v1/tokens/{credential}", routes.get_token, methods=["GET"]),
             Route("/v1/tokens/{credential}/invalidate", routes.invalidate_token, methods=["POST"]),
-            Route("/v1/tokens/{credential}/subjects/{subject}", subjects.subject, methods=["GET", "DELETE"]),
+            # {subject:path}: an OIDC `sub` may hold slashes (any ASCII up to 255 characters)
+            Route("/v1/tokens/{credential}/subjects/{subject:path}", subjects.subject, methods=["GET", "DELETE"]),
             Route("/v1/authorizations/{credential}", subjects.start_login, methods=["POST"]),
             Route(CALLBACK_PATH, subjects.callback, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),

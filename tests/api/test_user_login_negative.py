@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -302,3 +303,27 @@ def test_after_a_logout_a_caller_reads_the_subject_only_if_they_log_in_through_i
     assert callback(app, come_back(authserver, start(app, headers=audit()))).json()["subject"] == subject
     assert app.get(subject_path(subject), headers=audit()).status_code == 200
     refused(app.get(subject_path(subject), headers=auth()), 403, "access_denied")
+
+
+# -- subjects of any shape ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sub", ["tenant/42", "https://idp.example.com/users/42", "auth0|bob 42"])
+def test_a_subject_with_slashes_or_spaces_is_read_and_logged_out_like_any_other(
+    sub: str, app: TestClient, authserver: AuthServerProcess
+) -> None:
+    """Defect: the subject routes matched one path segment, so a user whose `sub` has a slash
+    (OIDC allows any ASCII up to 255 characters) logged in, and then no caller could read their
+    token or log them out: 404 not_found."""
+    authserver.set_users({"carol": {"password": "carol-password", "sub": sub}})
+    started = start(app)
+    done = callback(app, come_back(authserver, started, username="carol", password="carol-password"))
+    assert done.json()["subject"] == sub
+    path = subject_path(quote(sub, safe=""))
+    first = app.get(path, headers=auth())
+    assert first.status_code == 200, first.text
+    again = app.get(path, headers=auth())  # from this worker's memory (the fast path)
+    assert again.json()["access_token"] == first.json()["access_token"]
+    assert app.delete(path, headers=auth()).status_code == 204
+    assert authserver.stats()["revocations"]
+    refused(app.get(path, headers=auth("reporting")), 409, "reauthorization_required")
