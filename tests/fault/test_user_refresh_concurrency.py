@@ -112,9 +112,13 @@ async def start_fleet(
     return config, brokers, subject
 
 
+@pytest.mark.timeout(600)  # 200 rounds, at least 1.3 s apart
 async def test_two_brokers_refreshing_one_subject_at_once_spend_each_refresh_token_once(
     tmp_path: Path, redis_url: str, short_tokens: AuthServerProcess, start_brokers: StartBrokers
 ) -> None:
+    """Each round all four workers ask at once with a min_ttl the cached token no longer meets:
+    exactly one refresh (one lock holder; the others take its token from Redis), four answers
+    with the same new token, never an earlier one; no grant revoked, no rotated token reused."""
     authserver = short_tokens
     config, brokers, subject = await start_fleet(tmp_path, redis_url, authserver, start_brokers)
     keys = subject_keys(config, subject)
