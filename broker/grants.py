@@ -5,9 +5,10 @@
 
         read the grant ─▶ mark it "pending" (CAS on its version, only while our lock holds)
             ─▶ POST grant_type=refresh_token ─▶ write the rotated refresh token (CAS) ─▶ token
+        "pending" under another scope set's lock, still held: that refresh is out; wait for it, read again
         invalid_grant: re-read; another process rotated it → adopt its token; else the grant is dead
         answer lost (maybe spent): stays "pending"; the next try retries within
-            rotation_grace_seconds, else the grant is dead (reauthorization_required)
+            rotation_grace_seconds of the first sending, else the grant is dead (reauthorization_required)
 
 So no two processes ever send the same refresh token (the authorization server would revoke
 the whole grant, RFC 9700 §4.14), and the rotated refresh token is in Redis before the access
@@ -16,6 +17,8 @@ token it came with is handed out.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any, Protocol
 
 import structlog
@@ -33,6 +36,7 @@ __all__ = ["GRANT_TTL", "AdoptStored", "ClientCredentials", "Grant", "SubjectRef
 log = structlog.get_logger("broker.grants")
 
 GRANT_TTL = 90 * 24 * 3600.0  # a subject's grant record, renewed on every refresh and login
+_WAIT_FIRST, _WAIT_MAX = 0.05, 0.5  # polling a refresh of the same grant under another scope set's lock
 
 
 class AdoptStored(Exception):
@@ -74,24 +78,36 @@ class SubjectRefresh:
     ) -> FetchedToken:
         if lock is None:  # never: fail_closed keeps unlocked fetches away
             raise UpstreamUnavailable("A user's refresh token is spent only under the fleet's lock.", retry_after=1)
-        version, record = await self.store.get_grant(keys)
-        if record is None or record.get("status") == "reauth" or not record.get("refresh_token"):
-            raise ReauthorizationRequired("This user's grant is gone: they must log in again.")
-        if record.get("status") == "pending":
-            lost_for = self.clock.now() - float(record.get("pending_since", 0))
-            if lost_for > credential.rotation_grace_seconds:
-                # An earlier refresh was sent and its answer never came back: the refresh token
-                # may be spent. Sending it again could revoke the whole grant; stop here.
-                await self._mark_dead(keys, version, record, "a refresh answer was lost", lock)
-                raise ReauthorizationRequired(
-                    "A refresh of this user's token was lost on its way back: they must log in again."
-                )
-        pending = {**record, "status": "pending", "pending_since": self.clock.now()}
-        written = await self.store.put_grant(keys, version, pending, GRANT_TTL, lock)
-        if written == -1:
-            raise UpstreamUnavailable("The fetch lock was lost before the refresh token was spent.", retry_after=1)
-        if written == 0:
-            raise AdoptStored  # changed since we read it: a new login, or another holder's rotation
+        while True:
+            version, record = await self._settled(keys, deadline)
+            pending_since = self.clock.now()
+            if record.get("status") == "pending":
+                pending_since = float(record.get("pending_since", 0))
+                if self.clock.now() - pending_since > credential.rotation_grace_seconds:
+                    # An earlier refresh was sent and its answer never came back: the refresh token
+                    # may be spent. Sending it again could revoke the whole grant; stop here.
+                    await self._mark_dead(keys, version, record, "a refresh answer was lost", lock)
+                    raise ReauthorizationRequired(
+                        "A refresh of this user's token was lost on its way back: they must log in again."
+                    )
+                # A retry within the grace keeps the first sending time: the server's grace runs from
+                # the first use of this refresh token, however many answers were lost since.
+            # The holder's lock in the record: a refresh of another scope set (another lock) that
+            # finds it still held waits for it instead of taking it for a lost answer.
+            pending = {
+                **record,
+                "status": "pending",
+                "pending_since": pending_since,
+                "pending_lock": [lock.key, lock.value],
+            }
+            written = await self.store.put_grant(keys, version, pending, GRANT_TTL, lock)
+            if written == -1:
+                raise UpstreamUnavailable("The fetch lock was lost before the refresh token was spent.", retry_after=1)
+            if written == 1:
+                break
+            # 0: changed since we read it (a new login, another scope set's refresh): read it again
+            if time.monotonic() >= deadline:
+                raise UpstreamUnavailable("This user's grant kept changing: try again.", retry_after=1)
         version += 1
         try:
             fetched = await self.users.refresh(credential, str(record["refresh_token"]), scope_set, deadline)
@@ -117,10 +133,36 @@ class SubjectRefresh:
             "refreshed_at": self.clock.now(),
         }
         rotated.pop("pending_since", None)
+        rotated.pop("pending_lock", None)
         if await self.store.put_grant(keys, version, rotated, GRANT_TTL, lock) != 1:
             # The rotated refresh token cannot be kept: its access token must not go out either.
             raise ReauthorizationRequired("This user's grant changed while it was being refreshed: log in again.")
         return fetched
+
+    async def _settled(self, keys: TokenKeys, deadline: float) -> tuple[int, dict[str, Any]]:
+        """(version, the grant record) once no refresh of it is out under another live lock: the
+        fetch lock is per scope set, the grant per subject, and a refresh of one scope set must not
+        take the refresh of another, still at work, for one whose answer was lost."""
+        delay = _WAIT_FIRST
+        while True:
+            version, record = await self.store.get_grant(keys)
+            if record is None or record.get("status") == "reauth" or not record.get("refresh_token"):
+                raise ReauthorizationRequired("This user's grant is gone: they must log in again.")
+            holder = record.get("pending_lock")
+            if (
+                record.get("status") != "pending"
+                or not isinstance(holder, list)
+                or len(holder) != 2
+                or holder[0] == keys.lock  # our own lock's key: we hold it now, its earlier holder is gone
+                or not await self.store.lock_is_held(str(holder[0]), str(holder[1]))
+            ):
+                return version, record
+            if time.monotonic() + delay >= deadline:
+                raise UpstreamUnavailable(
+                    "This user's token is being refreshed for another scope set: try again.", retry_after=1
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _WAIT_MAX)
 
     async def _mark_dead(self, keys: TokenKeys, version: int, record: dict[str, Any], reason: str, lock: Lock) -> None:
         log.warning("grants.reauthorization_required", reason=reason)

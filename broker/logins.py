@@ -27,7 +27,14 @@ import structlog
 
 from broker import scopes
 from broker.clock import Clock, SystemClock
-from broker.errors import AccessDenied, InvalidRequest, ReauthorizationRequired, UpstreamInvalidResponse
+from broker.errors import (
+    AccessDenied,
+    InvalidRequest,
+    ReauthorizationRequired,
+    StoreUnavailable,
+    UpstreamInvalidResponse,
+)
+from broker.events import Event
 from broker.grants import GRANT_TTL
 from broker.store import Store, TokenKeys
 from broker.tokens import TokenService
@@ -213,18 +220,37 @@ class Logins:
         """Without I/O (the fast path): this caller was found allowed this subject a moment ago."""
         if caller.subjects.get(credential.name, "own") == "any":
             return True
+        if not self.tokens.l1_enabled and self.store.reachable:
+            return False  # like L1: drops may have been missed while the events were not heard
+        return self._remembered(credential, caller, subject)
+
+    def _remembered(self, credential: CredentialSettings, caller: CallerSettings, subject: str) -> bool:
         until = self._allowed.get((credential.name, credential.shape, caller.name, subject))
         return until is not None and time.monotonic() < until
+
+    def on_event(self, event: Event) -> None:
+        """A drop (a logout's, or an invalidation's): who may read which subject is read again."""
+        if event.op == "drop":
+            self._allowed.clear()
+
+    def on_subscription(self, live: bool) -> None:
+        if live:
+            self._allowed.clear()  # drops may have been missed meanwhile
 
     async def check_access(self, credential: CredentialSettings, caller: CallerSettings, subject: str) -> None:
         """A caller may read a subject who logged in through it, or any with `subjects = "any"`."""
         if self.allowed_here(credential, caller, subject):
             return
-        _, record = await self.store.get_grant(self.tokens.keys_for(credential, "", subject))
+        try:
+            _, record = await self.store.get_grant(self.tokens.keys_for(credential, "", subject))
+        except StoreUnavailable:
+            if self._remembered(credential, caller, subject):
+                return  # Redis is unreachable: what was found a moment ago stands, as L1 copies do
+            raise
         owners = frozenset((record or {}).get("owners") or [])
         if not caller.may_read_subject(credential.name, owners):
             raise AccessDenied()  # unknown, or another caller's: the same answer
-        # Owners only grow until a logout, which drops the tokens too: remembering it is safe.
+        # Owners only grow until a logout, whose drop event makes every worker forget this.
         if len(self._allowed) >= _ALLOWED_KEPT:
             self._allowed.clear()
         self._allowed[(credential.name, credential.shape, caller.name, subject)] = time.monotonic() + _ALLOWED_FOR
@@ -238,6 +264,7 @@ class Logins:
         if isinstance(token, str) and token:
             revoked = await self.users.revoke(credential, token, self._deadline())
         purged = await self.store.purge_subject(credential.name, keys)
+        self._allowed.clear()  # here at once; the other workers on the purge's drop event
         log.info("logins.logout", credential=credential.name, revoked=revoked, keys_purged=purged)
         return revoked
 

@@ -275,6 +275,11 @@ class Store:
     async def lock_held(self, keys: TokenKeys) -> bool:
         return bool(await self._call(self.redis.exists, keys.lock))
 
+    async def lock_is_held(self, key: str, value: str) -> bool:
+        """The lock `key` (a Lock's) is still held by the holder whose value is `value`."""
+        held = await self._call(self.redis.get, key)
+        return (held.decode(errors="replace") if isinstance(held, bytes) else held) == value
+
     # -- refusals ---------------------------------------------------------------------------------
 
     async def put_rejection(self, keys: TokenKeys, rejection: Rejection, ttl_seconds: float) -> None:
@@ -402,7 +407,8 @@ class Store:
         return json.loads(opened) if opened is not None else None
 
     async def purge_subject(self, credential: str, subject_keys: TokenKeys) -> int:
-        """Forget a subject: its grant and every token, each drop announced so L1 copies go too."""
+        """Forget a subject: its grant and every token, each drop announced so L1 copies go too,
+        and the grant's too (cached tokens or not), so no worker goes on by what it remembered."""
         tag = subject_keys.grant.removesuffix(":grant")
         deleted = 0
         async for name in self.redis.scan_iter(match=f"{tag}:*", count=500):
@@ -410,6 +416,7 @@ class Store:
             deleted += int(await self._call(self.redis.delete, key))
             if ":tok:" in key:
                 await self._call(self.redis.publish, self.keys.events, f"drop|-|{key}")
+        await self._call(self.redis.publish, self.keys.events, f"drop|-|{subject_keys.grant}")
         return deleted
 
 

@@ -146,13 +146,27 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         limiter = RateLimiter(store, tokens.stats, clock)
         registry.on_credentials_changed(tokens.forget)
 
+        logins = Logins(
+            store,
+            tokens,
+            upstream,
+            public_url=settings.server.public_url,
+            request_deadline=settings.server.request_deadline_seconds,
+            clock=clock,
+        )
+
         def on_event(event: Event) -> None:
             if event.op == "vault":
                 vault.poke()
             else:
                 tokens.on_event(event)
+                logins.on_event(event)
 
-        subscriber = EventSubscriber(redis, store.keys.events, on_event, tokens.on_subscription)
+        def on_subscription(live: bool) -> None:
+            tokens.on_subscription(live)
+            logins.on_subscription(live)
+
+        subscriber = EventSubscriber(redis, store.keys.events, on_event, on_subscription)
         health = Health()
         audit = AuditTrail()
         audit.start()
@@ -165,14 +179,6 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         await subscriber.wait_live(2.0)
         try:
             keys = SigningKeys(upstream, deadline_seconds=settings.server.request_deadline_seconds)
-            logins = Logins(
-                store,
-                tokens,
-                upstream,
-                public_url=settings.server.public_url,
-                request_deadline=settings.server.request_deadline_seconds,
-                clock=clock,
-            )
             yield {
                 "broker": Broker(
                     settings,
@@ -208,7 +214,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
         routes=[
             Route("/v1/tokens/{credential}", routes.get_token, methods=["GET"]),
             Route("/v1/tokens/{credential}/invalidate", routes.invalidate_token, methods=["POST"]),
-            Route("/v1/tokens/{credential}/subjects/{subject}", subjects.subject, methods=["GET", "DELETE"]),
+            # {subject:path}: an OIDC `sub` may hold slashes (any ASCII up to 255 characters)
+            Route("/v1/tokens/{credential}/subjects/{subject:path}", subjects.subject, methods=["GET", "DELETE"]),
             Route("/v1/authorizations/{credential}", subjects.start_login, methods=["POST"]),
             Route(CALLBACK_PATH, subjects.callback, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),

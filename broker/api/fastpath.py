@@ -140,7 +140,7 @@ class FastPath:
         subject: str | None = None
         if slash:  # /v1/tokens/{credential}/subjects/{subject}: a user's token (spec §5.4)
             kind, _, subject = rest.partition("/")
-            if kind != "subjects" or not subject or "/" in subject:
+            if kind != "subjects" or not subject:  # the rest is the subject, slashes and all
                 return None
         state: Mapping[str, Any] | None = scope.get("state")
         if not name or scope.get("root_path") or state is None:
