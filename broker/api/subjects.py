@@ -17,7 +17,7 @@ from broker import scopes
 from broker.api.routes import json_body, parse_min_ttl, scope_set_for, single_query
 from broker.api.state import Broker
 from broker.callers import CallerRegistry
-from broker.errors import AccessDenied, BrokerError, InvalidRequest, NotFound
+from broker.errors import AccessDenied, BrokerError, InvalidRequest, NotFound, UpstreamRejected
 from broker.logins import LoginFailed
 from broker.vault.models import CallerSettings, CredentialSettings
 
@@ -87,6 +87,14 @@ async def start_login(request: Request) -> Response:
     return JSONResponse(started, headers=_NO_STORE)
 
 
+def _start_again(error: BrokerError) -> bool:
+    """The sign-in itself is spent (a bad state, a denial, a code the server refused as used or
+    expired): only a new one can succeed; anything else may pass if tried again in a moment."""
+    return isinstance(error, LoginFailed) or (
+        isinstance(error, UpstreamRejected) and error.upstream_error == "invalid_grant"
+    )
+
+
 async def callback(request: Request) -> Response:
     """GET /v1/oauth/callback?code&state: the user's browser, back from the authorization server."""
     broker = _broker(request)
@@ -109,7 +117,7 @@ async def callback(request: Request) -> Response:
             "Sign-in did not complete",
             error.description,
             "Go back to the application and start the sign-in again."
-            if isinstance(error, LoginFailed)
+            if _start_again(error)
             else "The sign-in service could not finish it; try again in a moment.",
             error.status,
         )

@@ -118,6 +118,23 @@ def test_an_expired_state_is_refused(app: TestClient, authserver: AuthServerProc
 # -- the authorization server says no ------------------------------------------------------------
 
 
+def test_a_code_the_server_refuses_as_used_tells_the_person_to_start_again(
+    app: TestClient, authserver: AuthServerProcess
+) -> None:
+    """Defect: a code the authorization server refused (invalid_grant: used, expired, or not for
+    this verifier) got a page saying "try again in a moment", which can never succeed: the code
+    is spent. The page now says to start the sign-in again."""
+    first = httpx.QueryParams(come_back(authserver, start(app)))
+    assert callback(app, str(first)).status_code == 200
+    second = start(app)
+    spent = first.set("state", second["state"])  # the first login's code under a live state
+    page = callback(app, str(spent), json=False)
+    assert page.status_code == 502, page.text
+    assert "start the sign-in again" in page.text
+    assert "try again in a moment" not in page.text
+    refused(callback(app, str(first.set("state", start(app)["state"]))), 502, "upstream_rejected")
+
+
 def test_access_denied_by_the_user_is_a_clear_answer(
     app: TestClient, authserver: AuthServerProcess, redis_url: str
 ) -> None:
