@@ -4,7 +4,8 @@ took the fuzzing."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import httpx
@@ -13,7 +14,19 @@ import redis
 from tests.conftest import SECRET_ENV, config_text
 from tests.support import CLIENT_SECRET, AuthServerProcess, BrokerProcess
 
-__all__ = ["assert_alive_and_clean", "live_broker_process"]
+__all__ = ["assert_alive_and_clean", "leaks_in", "live_broker_process"]
+
+# A source file named in an answer, as a traceback or an error message would: a name ending in
+# ".py" followed by what ends a name. Not ".py" inside random base64url (a JWT signature segment
+# may start with "py": "…J9.py2a…", which made the fuzzers fail one run in a few hundred).
+SOURCE_FILE = re.compile(r"\w\.py(?![A-Za-z0-9_-])")
+
+
+def leaks_in(text: str, leaks: Iterable[str]) -> list[str]:
+    """What of `leaks` (literal strings) and of source file names `text` carries."""
+    found = [leak for leak in leaks if leak in text]
+    found += [match.group() for match in SOURCE_FILE.finditer(text)]
+    return found
 
 
 @contextlib.contextmanager
