@@ -13,7 +13,6 @@ beats any error, the deadline's included. Freshness is judged on this process's 
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import random
 import time
@@ -38,6 +37,7 @@ from broker.freshness import cache_window, cacheable, effective_skew, is_fresh, 
 from broker.grants import AdoptStored, ClientCredentials, Grant, SubjectRefresh
 from broker.l1 import L1Cache
 from broker.metrics import Stats
+from broker.refresh import RefreshAhead
 from broker.refusals import RecentRefusals
 from broker.settings import CacheSettings
 from broker.singleflight import DistributedFlight, LocalFlight
@@ -53,9 +53,6 @@ log = structlog.get_logger("broker.tokens")
 Source = Literal["l1", "l2", "fetched", "coalesced"]
 Invalidation = Literal["dropped", "not_current", "throttled"]
 T = TypeVar("T")
-
-_REFRESH_RETRY_FIRST = 1.0
-_REFRESH_RETRY_MAX = 30.0
 
 
 class TokenService:
@@ -84,8 +81,7 @@ class TokenService:
         self.client_credentials: Grant = ClientCredentials(upstream)
         self.subject_refresh: Grant = SubjectRefresh(upstream, store, self.clock)
         self._keys: dict[tuple[str, str, str, str | None], TokenKeys] = {}
-        self._refreshing: set[str] = set()  # keys whose running flight is a background refresh
-        self._backoff: dict[str, tuple[float, float]] = {}  # key → (no refresh before, last delay)
+        self.refresher = RefreshAhead(self.flights, self.clock, request_deadline, cache.l1_max_entries)
 
     def keys_for(self, credential: CredentialSettings, scope_set: str, subject: str | None = None) -> TokenKeys:
         memo = (credential.name, credential.shape, scope_set, subject)
@@ -179,7 +175,7 @@ class TokenService:
         # A miss joins a fetch already under way in this process before touching Redis
         # (not a background refresh: its failure must stay invisible to callers).
         joined_error: BrokerError | None = None
-        if key not in self._refreshing and self.flights.running(key):
+        if key not in self.refresher.running and self.flights.running(key):
             self.stats.waiters += 1
             try:
                 joined = await within(deadline, self.flights.join(key))
@@ -355,46 +351,12 @@ class TokenService:
         current: CachedToken,
         subject: str | None = None,
     ) -> None:
-        key = keys.token
-        if self.flights.running(key):
-            return
-        now = time.monotonic()
-        backoff = self._backoff.get(key)
-        if backoff is not None and now < backoff[0]:
-            return
-
-        def accept(candidate: CachedToken) -> bool:
-            # Someone else already refreshed: theirs was written under a later lock than ours.
-            return candidate.fence > current.fence and is_fresh(candidate, self.clock.monotonic())
-
-        deadline = now + self.request_deadline
-        task = self.flights.start(key, lambda: self._fetch(credential, scope_set, keys, accept, deadline, subject))
-        if task is not None:
-            self._refreshing.add(key)
-            task.add_done_callback(lambda t: self._refresh_done(key, credential.name, t))
-
-    def _refresh_done(self, key: str, credential_name: str, task: asyncio.Task[tuple[CachedToken, Source]]) -> None:
-        self._refreshing.discard(key)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is None:
-            entry, _ = task.result()
-            now = self.clock.monotonic()
-            if cacheable(entry, now) and entry.refresh_at > now:
-                self._backoff.pop(key, None)
-                return
-            # Nothing newer to serve (too short-lived to cache, or still past its refresh point):
-            # not a success, or every hit would start another fetch.
-            reason = "the refreshed token cannot replace the cached one"
-        else:
-            reason = exc.description if isinstance(exc, BrokerError) else type(exc).__name__
-        previous = self._backoff.pop(key, None)
-        delay = min((previous[1] if previous else _REFRESH_RETRY_FIRST / 2) * 2, _REFRESH_RETRY_MAX)
-        while len(self._backoff) >= self.cache.l1_max_entries:
-            del self._backoff[next(iter(self._backoff))]
-        self._backoff[key] = (time.monotonic() + delay, delay)
-        log.warning("tokens.refresh_failed", credential=credential_name, retry_in=delay, reason=reason)
+        self.refresher.start(
+            keys.token,
+            credential.name,
+            current,
+            lambda accept, deadline: self._fetch(credential, scope_set, keys, accept, deadline, subject),
+        )
 
     # -- invalidation -----------------------------------------------------------------------------
 
@@ -417,6 +379,6 @@ class TokenService:
         if fence == 0:
             return "not_current"
         gone = CachedToken("", "", 0.0, 0.0, 0.0, 0.0, 0.0, "-", fence=fence)
-        self._backoff.pop(keys.token, None)
+        self.refresher.reset(keys.token)
         self._refresh_ahead(credential, scope_set, keys, gone, subject)
         return "dropped"

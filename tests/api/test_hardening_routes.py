@@ -184,7 +184,7 @@ def test_refresh_backoff_for_many_scope_sets_stays_bounded(
     write_config: Callable[..., Path], authserver: AuthServerProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Defect (hardening item 14): the per-key refresh bookkeeping (`_refresh_not_before`,
-    `_refresh_delay`, now TokenService._backoff) grew by one entry for every scope set whose
+    `_refresh_delay`, now the backoff of broker/refresh.py) grew by one entry for every scope set whose
     refresh failed and was never pruned: a caller choosing scope subsets grew it without bound.
     It is bounded by `l1_max_entries` now, like L1, and so is the key memo."""
     limit, count = 4, 12
@@ -206,7 +206,7 @@ def test_refresh_backoff_for_many_scope_sets_stays_bounded(
             time.sleep(0.05)
         assert not tokens.flights._tasks
         assert authserver.token_requests() > count  # the refreshes really went out (and failed)
-        assert len(tokens._backoff) <= limit, len(tokens._backoff)
+        assert len(tokens.refresher) <= limit, len(tokens.refresher)
         assert len(tokens._keys) <= limit, len(tokens._keys)
         assert len(tokens.l1) <= limit
 
