@@ -1,132 +1,43 @@
 """The `token-broker` command: serve, dev, check-config, caller-key, encryption-key, rotate-key, token.
 
-Entry points only.
+Entry points only: the server process is broker/process.py, the demo broker/dev.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import errno
 import os
 import re
-import secrets
-import signal
-import socket
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from broker.callers import hash_key, new_caller_key
-from broker.embedded_redis import EmbeddedRedis, RedisServerNotFound, free_port
-from broker.errors import ConfigError, UpstreamError
+from broker.dev import cmd_dev
+from broker.embedded_redis import EmbeddedRedis, RedisServerNotFound
+from broker.errors import UpstreamError
 from broker.logs import configure_logging
-from broker.settings import Settings, load_settings
+from broker.process import EXIT_CONFIG, exit_cleanly_on_sigterm, load_or_exit, port_problem, run_uvicorn
+from broker.settings import Settings
 from broker.vault.keyring import new_key
 
 __all__ = ["main"]
 
-EXIT_CONFIG = 2
 _NAME = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 log = structlog.get_logger("broker.cli")
 
 
-def _load(path: str | None) -> Settings:
-    try:
-        settings = load_settings(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
-    for warning in settings.warnings:
-        print(f"config warning: {warning}", file=sys.stderr)
-    return settings
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(0)
-
-
-def _exit_cleanly_on_sigterm() -> None:
-    """From here on SIGTERM is an exit that runs `finally` blocks (stopping the embedded Redis,
-    removing temporary directories), like Ctrl-C. uvicorn re-raises the signal it shut down for
-    once it restored this handler."""
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-
-
-def _port_problem(host: str, port: int) -> str | None:
-    """Why uvicorn could not listen on `host`:`port`, or None. Found by binding every address
-    the host resolves to the way uvicorn does (SO_REUSEADDR), before anything else is started."""
-    if port == 0:
-        return None
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        return f"cannot listen on {host} port {port}: {exc.strerror}"
-    for family, kind, proto, _, address in addresses:
-        try:
-            probe = socket.socket(family, kind, proto)
-        except OSError:
-            continue  # a family this machine lacks: asyncio skips it too
-        with probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return f"port {port} on {host} is already in use"
-                if family == socket.AF_INET6 and exc.errno == errno.EADDRNOTAVAIL:
-                    continue  # IPv6 disabled: asyncio skips the address as well
-                return f"cannot listen on {host} port {port}: {exc.strerror}"
-    return None
-
-
-def _run_uvicorn(host: str, port: int, workers: int) -> None:
-    import uvicorn  # noqa: PLC0415 - heavy, only for serving
-
-    # Metrics of all workers add up through files in one directory (prometheus-client's
-    # multiprocess mode); it must be set before any worker imports prometheus_client.
-    metrics_dir = tempfile.TemporaryDirectory(prefix="token-broker-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
-    try:
-        _uvicorn_run(uvicorn, host, port, workers)
-    finally:
-        metrics_dir.cleanup()
-
-
-def _uvicorn_run(uvicorn: Any, host: str, port: int, workers: int) -> None:
-    uvicorn.run(
-        "broker.api.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        timeout_graceful_shutdown=10,
-    )
-
-
 def _serve(settings: Settings, config_path: str, host: str, port: int, workers: int) -> int:
     """Run the broker; with no Redis URL, around an embedded redis-server that stops with us."""
-    if (problem := _port_problem(host, port)) is not None:
+    if (problem := port_problem(host, port)) is not None:
         print(f"error: {problem}: choose another with --port N, [server] port or BROKER_SERVER_PORT", file=sys.stderr)
         return 1
-    _exit_cleanly_on_sigterm()
+    exit_cleanly_on_sigterm()
     os.environ["BROKER_CONFIG"] = str(Path(config_path).resolve())
     embedded: EmbeddedRedis | None = None
     if settings.redis.url is None:
@@ -138,7 +49,7 @@ def _serve(settings: Settings, config_path: str, host: str, port: int, workers: 
         os.environ["BROKER_REDIS_URL"] = embedded.url
         log.info("redis.embedded_started", url=embedded.url)
     try:
-        _run_uvicorn(host, port, workers)
+        run_uvicorn(host, port, workers)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -154,7 +65,7 @@ _NO_KEY = (
 
 def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging()
-    settings = _load(args.config)
+    settings = load_or_exit(args.config)
     if settings.keyring is None:
         if not args.insecure_plaintext_cache:
             print(_NO_KEY, file=sys.stderr)
@@ -170,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _load(args.config)
+    settings = load_or_exit(args.config)
     print(f"config OK: {len(settings.credentials)} credential(s), {len(settings.callers)} caller(s)")
     if args.probe:
         return asyncio.run(_probe(settings))
@@ -219,59 +130,6 @@ def cmd_caller_key(args: argparse.Namespace) -> int:
     return 0
 
 
-_DEV_CONFIG = """\
-# Written by `token-broker dev`: one demo credential, one demo caller.
-[server]
-port = {port}
-public_url = "http://127.0.0.1:{port}"   # turns on the OAuth facade at /oauth2/demo
-
-[redis]
-url = "{redis_url}"
-
-[credentials.demo]
-issuer = "{issuer}"
-client_id = "demo-client"
-client_secret = {{ env = "TB_DEMO_CLIENT_SECRET" }}
-scopes = ["urn:demo:claims.read", "urn:demo:claims.write"]
-default_scopes = ["urn:demo:claims.read"]
-
-# Users log in to this one (authorization code grant with OpenID Connect, spec §5).
-[credentials.demo-users]
-issuer = "{issuer}"
-client_id = "demo-client"
-client_secret = {{ env = "TB_DEMO_CLIENT_SECRET" }}
-grant = "authorization_code"
-scopes = ["urn:demo:claims.read"]
-default_scopes = ["urn:demo:claims.read"]
-return_to_allow = ["http://127.0.0.1:{port}/"]
-
-[callers.demo-caller]
-key_sha256 = "{key_hash}"
-[callers.demo-caller.grants]
-demo = ["urn:demo:claims.read", "urn:demo:claims.write"]
-demo-users = ["urn:demo:claims.read"]
-"""
-
-
-def _start_demo_authserver(client_secret: str, broker_base: str) -> str:
-    import uvicorn  # noqa: PLC0415
-
-    from broker.demo import create_demo_authserver  # noqa: PLC0415
-    from broker.logins import CALLBACK_PATH  # noqa: PLC0415
-
-    port = free_port()
-    issuer = f"http://127.0.0.1:{port}"
-    app = create_demo_authserver(issuer, client_secret, redirect_uris=[f"{broker_base}{CALLBACK_PATH}"])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    threading.Thread(target=server.run, name="demo-authserver", daemon=True).start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the demo authorization server did not start")
-        time.sleep(0.02)
-    return issuer
-
-
 def cmd_encryption_key(args: argparse.Namespace) -> int:
     if not re.fullmatch(r"[A-Za-z0-9_\-]{1,32}", args.kid):
         print("error: a key id is 1-32 letters, digits, '_' or '-'", file=sys.stderr)
@@ -287,7 +145,7 @@ def cmd_encryption_key(args: argparse.Namespace) -> int:
 
 def cmd_rotate_key(args: argparse.Namespace) -> int:
     """Re-seal everything stored under the first key, so the others can be dropped (spec §6.1)."""
-    settings = _load(args.config)
+    settings = load_or_exit(args.config)
     if settings.keyring is None:
         print(_NO_KEY.replace(", or start with --insecure-plaintext-cache", ""), file=sys.stderr)
         return EXIT_CONFIG
@@ -319,64 +177,6 @@ async def _rotate(settings: Settings) -> int:
         await redis.aclose()
     primary = settings.keyring.primary if settings.keyring else "-"
     print(f"rotate-key: {rewrapped} of {seen} stored value(s) re-sealed under key {primary!r}")
-    return 0
-
-
-def cmd_dev(args: argparse.Namespace) -> int:
-    if (problem := _port_problem("127.0.0.1", args.port)) is not None:
-        print(
-            f"error: {problem}: choose another with `token-broker dev --port N` (or `make demo PORT=N`)",
-            file=sys.stderr,
-        )
-        return 1
-    _exit_cleanly_on_sigterm()
-    configure_logging()
-    client_secret = secrets.token_urlsafe(24)
-    os.environ["TB_DEMO_CLIENT_SECRET"] = client_secret
-    # An ephemeral key: the demo's Redis goes away with it, and so does everything sealed with it.
-    os.environ.setdefault("BROKER_ENCRYPTION_KEYS", f"dev:{new_key()}")
-    # Every exit (stop, SIGTERM, Ctrl-C, a failure to start) stops the Redis and removes the directory.
-    with contextlib.ExitStack() as cleanup:
-        try:
-            embedded = cleanup.enter_context(EmbeddedRedis())
-            issuer = _start_demo_authserver(client_secret, f"http://127.0.0.1:{args.port}")
-        except (RedisServerNotFound, RuntimeError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        key = new_caller_key()
-        workdir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="token-broker-dev-")))
-        config = workdir / "dev.toml"
-        config.write_text(
-            _DEV_CONFIG.format(port=args.port, redis_url=embedded.url, issuer=issuer, key_hash=hash_key(key)),
-            encoding="utf-8",
-        )
-        _load(str(config))
-        base = f"http://127.0.0.1:{args.port}"
-        from broker import demo  # noqa: PLC0415
-
-        print(
-            f"""
-token-broker dev
-  broker                 {base}
-  demo authorization     {issuer}   (client demo-client, RS256 JWTs, /jwks)
-  embedded redis         {embedded.url}
-  config                 {config}
-  caller key             {key}   (caller demo-caller)
-  OAuth facade issuer    {base}/oauth2/demo   (client_id demo-caller, client_secret the caller key)
-
-Get a token:
-  curl -s -H 'Authorization: Bearer {key}' '{base}/v1/tokens/demo?scope=urn:demo:claims.read'
-Or as an OAuth client would (RFC 6749 client credentials grant):
-  curl -s -u 'demo-caller:{key}' -d grant_type=client_credentials '{base}/oauth2/demo/token'
-A user's token (authorization code grant; demo user {demo.DEMO_USER} / {demo.DEMO_PASSWORD}):
-  curl -s -X POST -H 'Authorization: Bearer {key}' -d '{{}}' '{base}/v1/authorizations/demo-users'
-  # open its authorize_url in a browser, sign in; the page names the subject, then:
-  curl -s -H 'Authorization: Bearer {key}' '{base}/v1/tokens/demo-users/subjects/{demo.DEMO_SUBJECT}'
-""",
-            flush=True,
-        )
-        os.environ["BROKER_CONFIG"] = str(config)
-        _run_uvicorn("127.0.0.1", args.port, args.workers)
     return 0
 
 
