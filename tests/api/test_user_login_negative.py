@@ -5,6 +5,9 @@ stores anything for the user, and none lets a caller read a subject it may not."
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,6 +163,20 @@ def test_the_page_a_browser_gets_for_an_error_escapes_what_the_server_said(
     assert "<script>" not in page.text
     assert "&lt;script&gt;" in page.text
     assert "login_required" in page.text
+
+
+def test_the_callback_page_allows_its_own_style_by_hash_and_no_other_inline_style(
+    app: TestClient, authserver: AuthServerProcess
+) -> None:
+    """Defect: the page's policy allowed `style-src 'unsafe-inline'`, so markup injected into it
+    (were an escape ever missed) could restyle it to mislead the person reading it. The one
+    style the page has is allowed by its SHA-256, like the demo login page's."""
+    page = callback(app, f"error=access_denied&state={start(app)['state']}", json=False)
+    csp = page.headers["content-security-policy"]
+    assert "unsafe-inline" not in csp
+    (style,) = re.findall(r"<style>(.*?)</style>", page.text, flags=re.S)
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    assert f"style-src 'sha256-{digest}'" in csp
 
 
 def test_a_callback_without_a_code_is_refused(app: TestClient, authserver: AuthServerProcess) -> None:
