@@ -6,6 +6,7 @@ same keys in the same words as the config file."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from broker.api import create_app
 from broker.callers import hash_key, new_caller_key
 from broker.settings import load_settings
 from tests.api.helpers import WWW_AUTHENTICATE, assert_error
-from tests.conftest import ADMIN, READ, WRITE, admin_auth, auth
+from tests.conftest import ADMIN, CALLER_KEYS, READ, WRITE, admin_auth, auth
 from tests.support import AuthServerProcess
 
 LIMITED_KEY = new_caller_key()
@@ -173,3 +174,26 @@ def test_the_admin_api_takes_rate_limits_in_the_config_files_words(client: TestC
     lifted = client.put(url, headers=admin_auth(), json={"grants": {"payments": [READ]}})
     assert "rate_limit_per_second" not in lifted.json()
     assert client.get(TOKENS, params={"scope": READ}, headers=key).status_code == 200
+
+
+def test_the_oauth_facade_spends_the_same_limit_and_answers_429_rate_limited(
+    write_config: Callable[..., Path], authserver: AuthServerProcess
+) -> None:
+    """The facade's token endpoint (spec §3.5) counts against the caller's one limit, its hits on
+    the fast path too, and renders the refusal as 429 `rate_limited` with Retry-After and no-store
+    (RFC 6749 has no code for it); /v1 then refuses the same caller, and others are unaffected."""
+    extra = limited_caller(0.001, 3) + '\n        [server]\n        public_url = "http://testserver"\n'
+    basic = {"Authorization": "Basic " + base64.b64encode(f"limited:{LIMITED_KEY}".encode()).decode()}
+    form = {"grant_type": "client_credentials", "scope": READ}
+    with TestClient(create_app(load_settings(write_config(extra)))) as client:
+        for _ in range(3):  # a fetch, then hits
+            assert client.post("/oauth2/payments/token", headers=basic, data=form).status_code == 200
+        response = client.post("/oauth2/payments/token", headers=basic, data=form)
+        body = assert_error(response, 429, "rate_limited")
+        assert response.headers["retry-after"] == "1000"
+        assert response.headers["cache-control"] == "no-store"
+        assert "rate limit" in body["error_description"]
+        assert_error(client.get(TOKENS, params={"scope": READ}, headers=limited()), 429, "rate_limited")
+        billing = {"Authorization": "Basic " + base64.b64encode(f"billing:{CALLER_KEYS['billing']}".encode()).decode()}
+        assert client.post("/oauth2/payments/token", headers=billing, data=form).status_code == 200
+    assert authserver.token_requests() == 1
