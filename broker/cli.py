@@ -70,7 +70,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not args.insecure_plaintext_cache:
             print(_NO_KEY, file=sys.stderr)
             return EXIT_CONFIG
-        print("config warning: tokens and refusals are stored in Redis in plaintext", file=sys.stderr)
+        print(
+            "config warning: tokens, refusals, users' refresh tokens and the admin API's entries (their secrets"
+            " included) are stored in Redis in plaintext",
+            file=sys.stderr,
+        )
     return _serve(
         settings,
         args.config or os.environ["BROKER_CONFIG"],
@@ -236,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--insecure-plaintext-cache",
         action="store_true",
-        help="start without an encryption key: tokens are stored in Redis in plaintext",
+        help="start without an encryption key: everything the broker stores in Redis is in plaintext",
     )
     serve.set_defaults(func=cmd_serve)
 
