@@ -9,6 +9,7 @@ publishes at `jwks_uri`, and its claims.
   handed to the session as Authlib's framework integrations do, `client_secret_basic` and
   `client_secret_post`; and Authlib's Starlette integration (`OAuth.register(server_metadata_url=…)`).
 - httpx-auth `OAuth2ClientCredentials` (it authenticates with Basic only).
+- requests-oauthlib `OAuth2Session` with `BackendApplicationClient`, Basic and the form body.
 - Node's openid-client 5 (the seed's sample) and 6, both auth methods: installed with npm into
   `.venv/share/token-broker-tests/node/` the first time. No node or npm is a failure unless
   BROKER_TEST_ALLOW_NO_NODE=1, which skips those tests instead.
@@ -49,11 +50,12 @@ CREDENTIAL = "orders"
 SCOPES = [f"urn:orders:s{i:02d}" for i in range(24)]
 NODE_PACKAGES = {"oidc5": "openid-client@5.7.1", "oidc6": "openid-client@6.9.0"}
 NODE_DIR = REPO_ROOT / ".venv" / "share" / "token-broker-tests" / "node"
-_scope_sets = iter(range(len(SCOPES)))
+_scope_sets = iter(range(1, len(SCOPES) - 2))  # not the default scope set, nor openid-client's
 
 
 def fresh_scope() -> str:
-    """A scope set no other test asked for: its first request is a cold miss."""
+    """A scope set no other test asked for: its first request is a cold miss, and a client that
+    failed to send it would get the default scope set instead, which no test asks for."""
     return SCOPES[next(_scope_sets)]
 
 
@@ -201,6 +203,38 @@ def test_httpx_auth_client_credentials(broker: BrokerProcess, authserver: AuthSe
     assert sent.startswith("Bearer ")
     assert second.request.headers["authorization"] == sent  # its own cache: 3600 s left, 30 s early expiry
     assert_upstream_jwt(broker, authserver, sent.removeprefix("Bearer "), scope)
+    assert authserver.token_requests() == 1
+
+
+# -- requests-oauthlib ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("include_client_id", [False, True], ids=["client_secret_basic", "client_secret_post"])
+def test_requests_oauthlib_backend_application_client(
+    broker: BrokerProcess, authserver: AuthServerProcess, monkeypatch: pytest.MonkeyPatch, include_client_id: bool
+) -> None:
+    """requests-oauthlib's client credentials grant as its documentation shows it; it sends Basic
+    unless told to put the client id (and secret) in the body. The scope it sends is the
+    BackendApplicationClient's (the session's is only compared with the answer's). It refuses
+    plain-HTTP token URLs unless OAUTHLIB_INSECURE_TRANSPORT is set: the test broker is
+    http://127.0.0.1."""
+    from oauthlib.oauth2 import BackendApplicationClient
+    from requests_oauthlib import OAuth2Session
+
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
+    scope = fresh_scope()
+    session = OAuth2Session(client=BackendApplicationClient(client_id=CALLER, scope=[scope]), scope=[scope])
+    token = session.fetch_token(
+        token_url=metadata(broker)["token_endpoint"],
+        client_id=CALLER,
+        client_secret=CALLER_KEY,
+        include_client_id=include_client_id,
+        timeout=10,
+    )
+    assert token["token_type"] == "Bearer"
+    assert token["scope"] == [scope]  # oauthlib splits the granted scope string
+    assert 3000 < token["expires_in"] <= 3600
+    assert_upstream_jwt(broker, authserver, token["access_token"], scope)
     assert authserver.token_requests() == 1
 
 
