@@ -10,6 +10,8 @@ publishes at `jwks_uri`, and its claims.
   `client_secret_post`; and Authlib's Starlette integration (`OAuth.register(server_metadata_url=…)`).
 - httpx-auth `OAuth2ClientCredentials` (it authenticates with Basic only).
 - requests-oauthlib `OAuth2Session` with `BackendApplicationClient`, Basic and the form body.
+- Go's `golang.org/x/oauth2/clientcredentials` (Debian's golang-golang-x-oauth2-dev), both auth
+  styles: built by the test in GOPATH mode. No Go is a failure unless BROKER_TEST_ALLOW_NO_GO=1.
 - Node's openid-client 5 (the seed's sample) and 6, both auth methods: installed with npm into
   `.venv/share/token-broker-tests/node/` the first time. No node or npm is a failure unless
   BROKER_TEST_ALLOW_NO_NODE=1, which skips those tests instead.
@@ -236,6 +238,83 @@ def test_requests_oauthlib_backend_application_client(
     assert 3000 < token["expires_in"] <= 3600
     assert_upstream_jwt(broker, authserver, token["access_token"], scope)
     assert authserver.token_requests() == 1
+
+
+# -- Go, golang.org/x/oauth2/clientcredentials -------------------------------------------------------
+
+GO_PACKAGES = "golang-go golang-golang-x-oauth2-dev"
+GO_PATH = Path("/usr/share/gocode")  # where Debian's golang-*-dev packages put their sources
+
+
+@pytest.fixture(scope="module")
+def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/integration/go_client/main.go built against Debian's x/oauth2 (GOPATH mode, no
+    network). No Go toolchain is a failure unless BROKER_TEST_ALLOW_NO_GO=1, which skips."""
+    go = shutil.which("go")
+    if go is None or not (GO_PATH / "src/golang.org/x/oauth2/clientcredentials").is_dir():
+        if os.environ.get("BROKER_TEST_ALLOW_NO_GO") == "1":
+            pytest.skip(f"BROKER_TEST_ALLOW_NO_GO=1 and no Go with x/oauth2 (apt-get install {GO_PACKAGES})")
+        pytest.fail(f"the Go client test needs apt-get install {GO_PACKAGES}; BROKER_TEST_ALLOW_NO_GO=1 skips it")
+    root = tmp_path_factory.mktemp("go")
+    source = root / "src" / "goclient"
+    source.mkdir(parents=True)
+    shutil.copy(Path(__file__).with_name("go_client") / "main.go", source / "main.go")
+    binary = root / "go_client"
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": f"{root}:{GO_PATH}", "GOCACHE": str(root / "cache")}
+    env.pop("GOFLAGS", None)
+    done = subprocess.run(
+        [go, "build", "-o", str(binary), "."],
+        cwd=source,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return binary
+
+
+def run_go_client(binary: Path, broker: BrokerProcess, secret: str, scope: str) -> tuple[int, list[dict[str, Any]]]:
+    token_url = metadata(broker)["token_endpoint"]
+    done = subprocess.run(
+        [str(binary), token_url, CALLER, scope],
+        env={**os.environ, "GO_CLIENT_SECRET": secret},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done.returncode, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_go_clientcredentials_both_auth_styles(
+    broker: BrokerProcess, authserver: AuthServerProcess, go_client: Path
+) -> None:
+    """Go's `clientcredentials.Config` (Debian's golang.org/x/oauth2 0.3.0), `AuthStyleInHeader`
+    and `AuthStyleInParams`: the upstream's token, one for both, which the library's own cache
+    then reuses."""
+    scope = f"{fresh_scope()} {fresh_scope()}"
+    canonical = " ".join(sorted(scope.split()))
+    code, results = run_go_client(go_client, broker, CALLER_KEY, scope)
+    assert code == 0, results
+    assert [r["style"] for r in results] == ["client_secret_basic", "client_secret_post"]
+    for result in results:
+        assert result["token_type"] == "Bearer"
+        assert result["scope"] == canonical
+        assert 3000 < result["expires_in"] <= 3600
+        assert result["reused"]  # x/oauth2 keeps it until 10 s before its expiry
+        assert_upstream_jwt(broker, authserver, result["access_token"], canonical)
+    assert results[0]["access_token"] == results[1]["access_token"]
+    assert authserver.token_requests() == 1
+
+
+def test_go_clientcredentials_sees_the_rfc6749_error(broker: BrokerProcess, go_client: Path) -> None:
+    code, results = run_go_client(go_client, broker, "tbk_" + "x" * 43, fresh_scope())
+    assert code == 1
+    for result in results:
+        assert "invalid_client" in result["error"], result  # oauth2.RetrieveError quotes the body
+        assert CALLER_KEY not in result["error"]
 
 
 # -- many clients at once ---------------------------------------------------------------------------
