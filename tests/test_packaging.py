@@ -93,6 +93,8 @@ def installed_broker(site: Path, write_config: Callable[..., Path], tmp_path: Pa
 
 
 def test_installed_broker_serves_the_openapi_document_it_ships(installed_broker: str, site: Path) -> None:
+    """Defect (hardening item 19): `openapi.yaml` was not in the wheel, so an installed broker
+    (the image included) answered GET /openapi.yaml with 404."""
     response = httpx.get(f"{installed_broker}/openapi.yaml", timeout=10, trust_env=False)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/yaml")

@@ -112,7 +112,9 @@ SILENT_SUBSCRIPTION = (
 
 
 async def test_a_silently_dead_subscription_stops_l1_within_the_heartbeat_bound(proxy: TcpProxy, pair: Pair) -> None:
-    """Only the subscription's flow goes silent (an idle-flow drop): commands still work.
+    """Defect (hardening item 5): `listen()` had no read timeout, so a subscription whose flow
+    died without FIN/RST left the worker serving L1 while every event was lost.
+    Only the subscription's flow goes silent (an idle-flow drop): commands still work.
     A stops serving the invalidated copy within the heartbeat bound, subscribes again on a new
     flow, and from then on follows events again."""
     old = await warm(pair, proxy)
@@ -196,10 +198,12 @@ TRANSPARENT_RESUBSCRIBE = (
 
 
 async def test_a_resubscribe_inside_redis_py_is_reported_as_a_new_subscription(redis_url: str) -> None:
-    """redis-py's default client (`Redis(host=…)`: 10 retries) reconnects and re-subscribes inside
-    get_message after CLIENT KILL, without raising. The broker's own clients do not retry (they
-    raise, and the subscriber reconnects itself), but the subscriber must not depend on that: every
-    confirmation is a new subscription, so its owner starts L1 afresh."""
+    """Defect (hardening item 5): a reconnect made inside redis-py went unnoticed, so L1 kept
+    copies that had missed the events of the gap. redis-py's default client (`Redis(host=…)`:
+    10 retries) reconnects and re-subscribes inside get_message after CLIENT KILL, without
+    raising. The broker's own clients do not retry (they raise, and the subscriber reconnects
+    itself), but the subscriber must not depend on that: every confirmation is a new
+    subscription, so its owner starts L1 afresh."""
     target = urlsplit(redis_url)
     client = aioredis.Redis(
         host=target.hostname or "127.0.0.1", port=target.port or 6379, db=int(target.path.strip("/") or 0)
