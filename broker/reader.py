@@ -3,6 +3,7 @@ per bad key, in the same words wherever a table comes from (spec §2, §3.6)."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -139,7 +140,9 @@ def to_pair(value: Any) -> tuple[float, float]:
     return (low, high)
 
 
-def check_url(reader: Reader, key: str, url: str) -> None:
+def check_url(reader: Reader, key: str, url: str, *, https: str | None = None) -> None:
+    """An http(s) URL with a host. With `https` (why it matters), plain HTTP only to a loopback
+    host: what travels there must not be readable or changeable on the way."""
     try:
         parts = urlsplit(url)
         usable = parts.scheme in ("http", "https") and bool(parts.hostname)
@@ -149,6 +152,17 @@ def check_url(reader: Reader, key: str, url: str) -> None:
         reader.problem(key, f"must be an http(s) URL with a host, got {url!r}")
     elif key.endswith("issuer") and (parts.query or parts.fragment):
         reader.problem(key, "must not carry a query or fragment")
+    elif https is not None and parts.scheme == "http" and not _loopback(parts.hostname or ""):
+        reader.problem(key, f"must be an https URL (plain http only to a loopback host): {https}")
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def scope_list(reader: Reader, table: Mapping[str, Any], name: str, key: str) -> tuple[str, ...]:

@@ -32,6 +32,11 @@ def _key_digest(r: Reader, t: Mapping[str, Any], key: str, command: str) -> str:
     return digest
 
 
+# Its discovery and key set say who a caller is: read over plain HTTP, anyone on the path could
+# swap the keys and mint caller identities.
+_KEYS_IN_CLEAR = "its key set says who a caller is, and anyone on the way could replace it"
+
+
 def read_caller_issuer(r: Reader, name: str, t: Mapping[str, Any]) -> CallerIssuerSettings:
     key = f"caller_issuers.{name}"
     r.unknown(t, {"issuer", "jwks_uri", "audience", "algorithms"}, key)
@@ -39,10 +44,10 @@ def read_caller_issuer(r: Reader, name: str, t: Mapping[str, Any]) -> CallerIssu
     if not issuer:
         r.problem(f"{key}.issuer", "is required (the `iss` of its tokens)")
     else:
-        check_url(r, f"{key}.issuer", issuer)
+        check_url(r, f"{key}.issuer", issuer, https=_KEYS_IN_CLEAR)
     jwks_uri = r.value(t, "jwks_uri", f"{key}.jwks_uri", to_str, None, "a URL string")
     if jwks_uri is not None:
-        check_url(r, f"{key}.jwks_uri", jwks_uri)
+        check_url(r, f"{key}.jwks_uri", jwks_uri, https=_KEYS_IN_CLEAR)
     audience = r.value(t, "audience", f"{key}.audience", to_str, "", "a string")
     if not audience:
         r.problem(f"{key}.audience", "is required: tokens meant for another audience are refused")

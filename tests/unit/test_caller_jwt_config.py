@@ -148,3 +148,15 @@ def test_a_url_urllib_cannot_split_is_a_problem_line_not_a_traceback(url: str) -
         "credentials.payments.token_url",
     ]
     assert all("must be an http(s) URL with a host" in p for p in found)
+
+
+@pytest.mark.parametrize("field", ["issuer", "jwks_uri"])
+def test_a_caller_issuer_over_plain_http_to_another_host_is_refused(field: str) -> None:
+    """Defect: `http://` was accepted for a caller issuer's URLs, so its discovery document and
+    key set, which say who a caller is, could be swapped by anyone on the path (and caller
+    identities minted). Plain HTTP is kept for a loopback issuer (a sidecar, tests)."""
+    data = with_jwts({}, cluster={**CLUSTER, field: "http://issuer.internal/x"})
+    problem = only_problem(data, f"caller_issuers.cluster.{field}")
+    assert "must be an https URL (plain http only to a loopback host)" in problem
+    for loopback in ("http://127.0.0.1:8443/x", "http://localhost/x", "http://[::1]:80/x"):
+        assert parse_settings(with_jwts({}, cluster={**CLUSTER, field: loopback}), ENV).caller_issuers["cluster"]
