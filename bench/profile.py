@@ -97,11 +97,18 @@ def summarise(raw: str, top: int = 15) -> dict[str, Any]:
 
 
 def record(
-    pid: int, url: str, headers: dict[str, str], seconds: float, out: Path, settings: WrkSettings
+    pid: int,
+    url: str,
+    headers: dict[str, str],
+    seconds: float,
+    out: Path,
+    settings: WrkSettings,
+    method: str = "GET",
+    body: str = "",
 ) -> dict[str, Any]:
     """Drive hits with wrk for `seconds` while py-spy samples `pid`; summary of the samples."""
-    wrk.run(url, headers, max(1.0, settings.warmup), settings)
-    load = threading.Thread(target=wrk.run, args=(url, headers, seconds + 2, settings), daemon=True)
+    wrk.run(url, headers, max(1.0, settings.warmup), settings, method, body)
+    load = threading.Thread(target=wrk.run, args=(url, headers, seconds + 2, settings, method, body), daemon=True)
     load.start()
     try:
         subprocess.run(

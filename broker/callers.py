@@ -57,7 +57,12 @@ class KeyIndex(Generic[K]):
 
     def __init__(self, entries: Iterable[K] | Mapping[str, K], *, what: str = "caller") -> None:
         values = entries.values() if isinstance(entries, Mapping) else entries
-        self._by_digest = {bytes.fromhex(e.key_sha256): e for e in values if e.key_sha256}
+        # digest → (entry, its digest, its name in UTF-8): nothing is decoded per request
+        self._by_digest: dict[bytes, tuple[K, bytes, bytes]] = {}
+        for e in values:
+            if e.key_sha256:
+                digest = bytes.fromhex(e.key_sha256)
+                self._by_digest[digest] = (e, digest, e.name.encode())
         self.what = what
         self._a_key = f"{'an' if what[0] in 'aeiou' else 'a'} {what} key"
 
@@ -73,10 +78,10 @@ class KeyIndex(Generic[K]):
 
     def by_key(self, key: str) -> K:
         digest = hashlib.sha256(key.encode()).digest()
-        entry = self._by_digest.get(digest)
-        if entry is None or not hmac.compare_digest(digest, bytes.fromhex(entry.key_sha256)):
+        found = self._by_digest.get(digest)
+        if found is None or not hmac.compare_digest(digest, found[1]):
             raise InvalidCallerToken(f"The {self.what} key is not valid.")
-        return entry
+        return found[0]
 
 
 class CallerRegistry(KeyIndex[CallerSettings]):
@@ -128,13 +133,13 @@ class CallerRegistry(KeyIndex[CallerSettings]):
         or InvalidCallerToken, with one answer for an unknown name and a wrong key."""
         if _KEY_SHAPE.fullmatch(key):
             digest = hashlib.sha256(key.encode()).digest()
-            caller = self._by_digest.get(digest)
+            found = self._by_digest.get(digest)
             if (
-                caller is not None
-                and hmac.compare_digest(digest, bytes.fromhex(caller.key_sha256))
-                and hmac.compare_digest(caller.name.encode(), name.encode("utf-8", "replace"))
+                found is not None
+                and hmac.compare_digest(digest, found[1])
+                and hmac.compare_digest(found[2], name.encode("utf-8", "replace"))
             ):
-                return caller
+                return found[0]
         raise InvalidCallerToken(
             "The client credentials are not valid (client_id: a caller name, client_secret: its caller key)."
         )
