@@ -20,11 +20,16 @@ logs nothing for an L1 hit anyway.
 The facade's token endpoint is served the same way, through the facade's own functions
 (`facade.parse_token_request`, `authenticate`, `authorize`): the body is read here, within the
 route's size limit, and replayed to the Starlette app message by message when the request is not
-a hit, so the route reads exactly what the client sent.
+a hit, so the route reads exactly what the client sent. What those checks found for a request
+is remembered under the SHA-256 of all they read (the client's credentials included, of which
+only that hash is kept), for as long as the registry's snapshot is the same object: a repeated
+request skips decoding Basic, parsing the form and hashing the key again, and any change to a
+caller, a grant or a credential makes every request checked anew.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -42,7 +47,7 @@ from broker.api.routes import parse_min_ttl as min_ttl_seconds  # the route's ow
 from broker.api.state import Broker
 from broker.entries import CachedToken
 from broker.errors import BrokerError, InvalidRequest
-from broker.vault.models import CredentialSettings
+from broker.vault.models import CallerSettings, CredentialSettings
 
 __all__ = ["FastPath", "token_response_parts"]
 
@@ -115,6 +120,10 @@ class FastPath:
         self._encoded: dict[str, _Encoded] = {}  # by token fingerprint; checked by identity
 
         self._facade_encoded: dict[str, _Encoded] = {}
+        # SHA-256 of a facade request's name, Authorization, Content-Type and body → what the
+        # checks found for it, under the snapshot `_authorized_under` (see _authorized_request)
+        self._authorized: dict[bytes, tuple[CallerSettings, CredentialSettings, str]] = {}
+        self._authorized_under: object = None
         self._forms: dict[tuple[str | None, bytes], facade.Form] = {}  # bodies without a secret only
         # (credential, scope parameter) → the route's scope set, for these very objects
         self._scope_sets: dict[tuple[str, str | None], tuple[CredentialSettings, frozenset[str], str]] = {}
@@ -224,19 +233,17 @@ class FastPath:
         return replay
 
     def _facade_hit(self, scope: Scope, broker: Broker, name: str, body: bytes) -> tuple[Message, Message] | None:
-        authorization: str | None = None
-        content_type: str | None = None
+        authorization: bytes | None = None
+        content_type: bytes | None = None
         for header, value in scope["headers"]:
             if header == b"authorization":
-                authorization = value.decode("latin-1")
+                authorization = value
             elif header == b"content-type":
-                content_type = value.decode("latin-1")
-        try:
-            request = facade.token_request(authorization, self._form(content_type, body))
-            caller = facade.authenticate(broker, request)
-            credential, scope_set = facade.authorize(broker, caller, name, request, self._scope_set)
-        except BrokerError:
+                content_type = value
+        authorized = self._authorized_request(broker, name, authorization, content_type, body)
+        if authorized is None:
             return None
+        caller, credential, scope_set = authorized
         entry = broker.tokens.get_l1(credential, scope_set, broker.settings.facade.min_ttl_seconds)
         if entry is None or not broker.limiter.try_spend(caller):  # no unit at hand: the route decides
             return None
@@ -244,6 +251,37 @@ class FastPath:
         broker.tokens.stats.handout(name, "l1", ttl, facade=True)
         broker.audit.record(caller.name, name, scope_set, entry.fingerprint, "l1", "oauth2")
         return _answer(self._encode(entry, self._facade_encoded, facade.token_response_parts), ttl)
+
+    def _authorized_request(
+        self, broker: Broker, name: str, authorization: bytes | None, content_type: bytes | None, body: bytes
+    ) -> tuple[CallerSettings, CredentialSettings, str] | None:
+        """What the route's checks find for this request (caller, credential, scope set), or
+        None where they refuse it. Remembered under the SHA-256 of all that they read (the
+        client's credentials included: only their hash is kept, as for caller keys) for as long
+        as the registry's snapshot is the same object: a changed key, grant or credential is a
+        new snapshot, and everything is checked again."""
+        snapshot = broker.registry.snapshot
+        if snapshot is not self._authorized_under:
+            self._authorized.clear()
+            self._authorized_under = snapshot
+        digest = hashlib.sha256(b"\n".join((name.encode(), authorization or b"-", content_type or b"-", body))).digest()
+        known = self._authorized.get(digest)
+        if known is not None:
+            return known
+        try:
+            request = facade.token_request(
+                authorization.decode("latin-1") if authorization is not None else None,
+                self._form(content_type.decode("latin-1") if content_type is not None else None, body),
+            )
+            caller = facade.authenticate(broker, request)
+            credential, scope_set = facade.authorize(broker, caller, name, request, self._scope_set)
+        except BrokerError:
+            return None
+        if len(body) <= MAX_QUERY_BYTES:
+            if len(self._authorized) >= _MAX_QUERIES:
+                self._authorized.clear()
+            self._authorized[digest] = (caller, credential, scope_set)
+        return caller, credential, scope_set
 
     def _form(self, content_type: str | None, body: bytes) -> facade.Form:
         """The route's reading of the body; remembered when it holds no client_secret (clients

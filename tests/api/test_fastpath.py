@@ -31,7 +31,7 @@ from broker.api.state import Broker
 from broker.clock import FakeClock
 from broker.entries import CachedToken
 from broker.settings import Settings, load_settings
-from tests.conftest import ADMIN, CALLER_KEYS, READ, WRITE, auth
+from tests.conftest import ADMIN, ADMIN_KEY, CALLER_KEYS, READ, WRITE, auth
 from tests.support import AuthServerProcess
 
 HITS = [
@@ -603,3 +603,36 @@ def test_a_remembered_scope_set_is_only_used_for_the_same_credential_and_grant()
     assert fast._scope_set(new, granted, None) == WRITE
     with pytest.raises(errors_module.InsufficientScope):
         fast._scope_set(new, frozenset({READ}), None)
+
+
+def test_a_remembered_facade_authorization_ends_with_the_key_or_grant_it_was_made_under(
+    facade_brokers: tuple[TestClient, TestClient], clock: FakeClock, facade_served: list[bool]
+) -> None:
+    """The fast path remembers what the checks found for a facade request under the SHA-256 of
+    the request (never its credentials), for one snapshot of the registry only: a caller key
+    rotated or a grant withdrawn through the admin API stops the remembered request at once."""
+    fast, slow = facade_brokers
+    warm(fast, slow, clock)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    made = fast.put("/v1/admin/callers/shipping", headers=admin, json={"grants": {"payments": [READ]}})
+    assert made.status_code == 201, made.text
+    old_key = made.json()["caller_key"]
+    body = f"grant_type=client_credentials&scope={READ}".encode()
+    old = {**FORM, **_basic("shipping", old_key)}
+    facade_served.clear()
+    assert [post(fast, FACADE, old, body)[0] for _ in range(3)] == [200, 200, 200]
+    assert facade_served == [True, True, True]
+    remembered = _fast_path_of(fast)._authorized
+    assert remembered
+    assert all(len(digest) == 32 for digest in remembered)  # hashes only
+    assert not any(old_key in repr(found) for found in remembered.values())
+
+    new_key = fast.post("/v1/admin/callers/shipping/key", headers=admin).json()["caller_key"]
+    status, _, content = post(fast, FACADE, old, body)
+    assert (status, json.loads(content)["error"]) == (401, "invalid_client")
+    assert post(fast, FACADE, {**FORM, **_basic("shipping", new_key)}, body)[0] == 200
+
+    withdrawn = fast.put("/v1/admin/callers/shipping", headers=admin, json={"grants": {}})
+    assert withdrawn.status_code == 200, withdrawn.text
+    status, _, content = post(fast, FACADE, {**FORM, **_basic("shipping", new_key)}, body)
+    assert (status, json.loads(content)["error"]) == (400, "unauthorized_client")
