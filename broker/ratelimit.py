@@ -9,10 +9,13 @@
 Redis holds one GCRA per caller (broker/store.py `take_rate`). A worker takes units in batches
 and spends them without I/O, so L1 hits count without a Redis round trip each. A batch is at
 most 50 ms of the caller's rate (at least 1: below 40/s every request takes its own unit), sized
-by what the worker spent of its last one, and what is not spent within 100 ms lapses. Every unit
-spent was granted by Redis at most 100 ms before, so over any period the fleet admits at most
-what the limit allows plus the units workers held when it began: at most
-min(workers * (batch - 1), rate * 0.1 s) requests, none below 40/s (README, Rate limits).
+by what the worker spent of its last one, and what is not spent within 100 ms lapses. When three
+quarters of a batch (or of its time) are gone, the next one is taken in the background, so a
+busy caller's requests never wait for Redis (they did, all at once, every 100 ms: a p99 of
+25-35 ms against 4 ms unlimited). Every unit spent was granted by Redis at most 100 ms before,
+so over any period the fleet admits at most what the limit allows plus the units workers held
+when it began: at most min(workers * (2 * batch - 1), rate * 0.1 s) requests, none below 40/s
+(README, Rate limits).
 
 When Redis cannot answer (StoreUnavailable, or StoreBusy: a local decision, never a 503),
 each worker enforces the caller's rate and burst on its own, for a second after the failure and
@@ -56,6 +59,9 @@ class _Budget:
     local_tat: float = 0.0  # this worker's own GCRA, while Redis cannot answer
     waiting: int = 0  # requests of the caller in `spend` now
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    next_units: int = 0  # the batch taken ahead, spent once the one in hand is gone
+    next_lapses: float = 0.0
+    ahead: asyncio.Task[None] | None = None  # taking the next batch now
 
 
 class RateLimiter:
@@ -66,6 +72,7 @@ class RateLimiter:
         self._budgets: dict[str, _Budget] = {}
         self._local_until = 0.0
         self._local = False  # logged that this worker decides alone
+        self._ahead: set[asyncio.Task[None]] = set()  # batches being taken ahead
 
     def try_spend(self, caller: CallerSettings) -> bool:
         """A unit of the caller's limit from what this worker holds, without I/O. True: go on;
@@ -77,10 +84,20 @@ class RateLimiter:
         if budget is None:
             return False
         now = self.clock.monotonic()
-        if budget.units > 0 and now < budget.lapses:
-            budget.units -= 1
-            return True
-        return self._is_local(now) and _local_wait(budget, limit, now) == 0.0
+        if budget.units <= 0 or now >= budget.lapses:
+            if budget.next_units <= 0 or now >= budget.next_lapses:
+                return self._is_local(now) and _local_wait(budget, limit, now) == 0.0
+            # the batch taken ahead becomes the one in hand
+            budget.granted = budget.units = budget.next_units
+            budget.lapses = budget.next_lapses
+            budget.next_units = 0
+        budget.units -= 1
+        if budget.granted > 1 and budget.ahead is None and budget.next_units <= 0:  # below 40/s: exact, none ahead
+            if budget.units * 4 <= budget.granted:  # three quarters spent: it will all go, twice as many
+                self._take_ahead(caller.name, limit, budget, 2 * budget.granted)
+            elif now + ALLOWANCE_SECONDS / 4 >= budget.lapses:  # most of its time gone: twice what went
+                self._take_ahead(caller.name, limit, budget, 2 * (budget.granted - budget.units))
+        return True
 
     async def spend(self, caller: CallerSettings) -> None:
         """A unit of the caller's limit, or RateLimited with the time until one is free."""
@@ -91,6 +108,8 @@ class RateLimiter:
         budget.waiting += 1
         try:
             async with budget.lock:  # one batch in flight per caller and worker
+                if budget.ahead is not None:  # the next batch is on its way: wait for it
+                    await asyncio.shield(budget.ahead)
                 if not self.try_spend(caller):  # a batch taken meanwhile serves this one too
                     await self._take(caller.name, limit, budget)
         finally:
@@ -126,6 +145,45 @@ class RateLimiter:
         budget.granted = granted
         budget.units = granted - 1  # one for this request
         budget.lapses = now + ALLOWANCE_SECONDS
+
+    def _take_ahead(self, name: str, limit: RateLimit, budget: _Budget, want: int) -> None:
+        """Take the next batch in the background once three quarters of the one in hand (or of
+        its time) are gone, so that no request of a busy caller waits for Redis."""
+        now = self.clock.monotonic()
+        if self._is_local(now) or now < budget.recheck:
+            return
+        cap = max(1, min(limit.burst, int(limit.per_second * BATCH_SECONDS)))
+        try:
+            task = asyncio.get_running_loop().create_task(self._next_batch(name, limit, budget, min(cap, max(1, want))))
+        except RuntimeError:  # no event loop: nothing to take ahead with
+            return
+        budget.ahead = task
+        self._ahead.add(task)
+        task.add_done_callback(self._ahead.discard)
+
+    async def _next_batch(self, name: str, limit: RateLimit, budget: _Budget, want: int) -> None:
+        try:
+            try:
+                granted, wait = await self.store.take_rate(name, limit.per_second, limit.burst, want)
+            except (StoreUnavailable, StoreBusy) as exc:
+                self._local_until = self.clock.monotonic() + LOCAL_SECONDS
+                self._note_local(exc.description)
+                return
+            now = self.clock.monotonic()
+            if granted == 0:
+                budget.free_at = now + wait
+                budget.recheck = now + min(wait, RECHECK_SECONDS)
+                return
+            budget.next_units = granted
+            budget.next_lapses = now + ALLOWANCE_SECONDS  # its own time: granted at most 100 ms before spent
+        finally:
+            budget.ahead = None
+
+    async def aclose(self) -> None:
+        """Stop taking batches ahead (shutdown)."""
+        for task in list(self._ahead):
+            task.cancel()
+        await asyncio.gather(*self._ahead, return_exceptions=True)
 
     def _is_local(self, now: float) -> bool:
         # The store knows Redis is down (its health probe tells when it is back): no request here

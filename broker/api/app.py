@@ -201,6 +201,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, fast_path: boo
             await cancel(flusher)
             await subscriber.stop()
             await tokens.flights.cancel_all()
+            await limiter.aclose()
             await audit.stop()
             tokens.stats.flush(0)
             metrics.worker_exit()
