@@ -241,11 +241,12 @@ def check_main_container(checks: Checks, work: Path, redis_url: str, authserver:
     secret.write_text(CLIENT_SECRET, encoding="utf-8")
     for path in (work, config, secret):  # readable by UID 10001
         path.chmod(0o755 if path.is_dir() else 0o644)
+    os.environ["BROKER_ENCRYPTION_KEYS"] = f"image-test:{new_key()}"
     mounts = [
         f"--volume={config}:/etc/token-broker/config.toml:ro",
         f"--volume={secret}:/run/secrets/payments:ro",
         f"--env=BROKER_REDIS_URL={redis_url}",
-        f"--env=BROKER_ENCRYPTION_KEYS=image-test:{new_key()}",
+        "--env=BROKER_ENCRYPTION_KEYS",  # its value from podman's environment: never in a command line or the log
         "--tmpfs=/tmp",
         f"--user={UID}",
         "--cap-drop=ALL",
