@@ -35,7 +35,7 @@ lock:  ## re-resolve both lock files from pyproject.toml (needs uv)
 	uv pip compile pyproject.toml --python-version 3.11 --generate-hashes -o requirements.lock
 	uv pip compile pyproject.toml --extra dev --extra bench --python-version 3.11 --generate-hashes -o requirements-dev.lock
 
-bench: $(BIN)/.installed  ## the benchmark suite, about 7 minutes (BENCH_ARGS=--quick: about 2): bench/results/latest.{json,png}
+bench: $(BIN)/.installed  ## the benchmark suite, about 14 minutes on 2 cores (BENCH_ARGS=--quick: shorter): bench/results/latest.{json,png}
 	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get install -y -q wrk >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q wrk; }; }
 	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install wrk" >&2; exit 1; }
 	$(BIN)/python -m bench $(BENCH_ARGS)
