@@ -196,17 +196,25 @@ async def get_credential(request: Request) -> Response:
     return _json(_credential_view(broker, snapshot, credential))
 
 
-async def put_credential(request: Request) -> Response:
+async def _put_table(request: Request, kind: str) -> tuple[Broker, str, bool]:
+    """PUT of a table shaped like the config file's `[credentials.NAME]` or
+    `[caller_issuers.NAME]`, stored as given (the vault validates it like the config loader)
+    → (broker, name, created)."""
     broker, name = _broker(request), _name(request)
-    _writable(broker.registry.snapshot, "credentials", name)
+    _writable(broker.registry.snapshot, kind, name)
     table = await json_body(request, broker.settings.server.max_body_bytes)
 
     def edit(document: Document) -> bool:
-        created = name not in document.credentials
-        document.credentials[name] = table
+        entries: dict[str, dict[str, Any]] = getattr(document, kind)
+        created = name not in entries
+        entries[name] = table
         return created
 
-    created = await broker.vault.change(edit)
+    return broker, name, await broker.vault.change(edit)
+
+
+async def put_credential(request: Request) -> Response:
+    broker, name, created = await _put_table(request, "credentials")
     snapshot = broker.registry.snapshot
     credential = snapshot.credentials[name]
     view = _credential_view(broker, snapshot, credential)
@@ -326,16 +334,7 @@ async def get_caller_issuer(request: Request) -> Response:
 
 
 async def put_caller_issuer(request: Request) -> Response:
-    broker, name = _broker(request), _name(request)
-    _writable(broker.registry.snapshot, "caller_issuers", name)
-    table = await json_body(request, broker.settings.server.max_body_bytes)
-
-    def edit(document: Document) -> bool:
-        created = name not in document.caller_issuers
-        document.caller_issuers[name] = table
-        return created
-
-    created = await broker.vault.change(edit)
+    broker, name, created = await _put_table(request, "caller_issuers")
     snapshot = broker.registry.snapshot
     _audit(request, "create" if created else "replace", "caller_issuer", name)
     return _json(_caller_issuer_view(snapshot, snapshot.caller_issuers[name]), 201 if created else 200)
