@@ -22,7 +22,7 @@ from broker.embedded_redis import terminate
 from broker.vault.keyring import new_key
 from tests.support import CLIENT_ID, CLIENT_SECRET, REPO_ROOT, BrokerProcess, free_port, wait_http
 
-# What broker/cli.py `_run_uvicorn` passes to uvicorn.run besides app, host, port and workers;
+# What broker/process.py `run_uvicorn` passes to uvicorn.run besides app, host, port and workers;
 # tests/test_bench_smoke.py checks that the two stay the same.
 UVICORN_SETTINGS: dict[str, Any] = {
     "loop": "uvloop",

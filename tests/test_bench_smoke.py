@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bench.common import UVICORN_SETTINGS
-from broker import cli
+from broker import process
 from tests.support import REPO_ROOT
 
 
@@ -25,10 +25,10 @@ def test_the_baseline_runs_under_the_brokers_uvicorn_settings(monkeypatch: pytes
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs))
-    # what _run_uvicorn sets up for a real server, undone after the test
+    # what run_uvicorn sets up for a real server, undone after the test
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
-    cli._run_uvicorn("127.0.0.1", 8080, 2)
+    process.run_uvicorn("127.0.0.1", 8080, 2)
     for per_run in ("host", "port", "workers", "factory"):
         seen.pop(per_run)
     assert seen == UVICORN_SETTINGS

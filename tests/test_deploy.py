@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "kubernetes" / "base"
 UID = 10001
 HEALTHZ, READYZ = "/healthz", "/readyz"
-GRACEFUL_SHUTDOWN_SECONDS = 10  # uvicorn's timeout_graceful_shutdown in broker/cli.py
+GRACEFUL_SHUTDOWN_SECONDS = 10  # uvicorn's timeout_graceful_shutdown in broker/process.py
 
 
 def _yaml_documents(path: Path) -> Iterator[dict[str, Any]]:
