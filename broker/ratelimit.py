@@ -123,24 +123,16 @@ class RateLimiter:
             return
         if now < budget.recheck:
             raise self._limited(name, limit, budget.free_at - now)
-        cap = max(1, min(limit.burst, int(limit.per_second * BATCH_SECONDS)))
         # All of the last batch spent: ask for twice as much; part of it: twice what was spent.
-        want = min(cap, max(1, 2 * (budget.granted - budget.units), budget.waiting))
+        want = min(_batch_cap(limit), max(1, 2 * (budget.granted - budget.units), budget.waiting))
         budget.units = budget.granted = 0
-        try:
-            granted, wait = await self.store.take_rate(name, limit.per_second, limit.burst, want)
-        except (StoreUnavailable, StoreBusy) as exc:
-            self._local_until = self.clock.monotonic() + LOCAL_SECONDS
-            self._note_local(exc.description)
-            self._decide_locally(name, limit, budget, self.clock.monotonic())
-            return
-        if self._local:
-            self._local = False
-            log.info("ratelimit.shared_again")
+        answer = await self._ask(name, limit, budget, want)
         now = self.clock.monotonic()
+        if answer is None:
+            self._decide_locally(name, limit, budget, now)
+            return
+        granted, wait = answer
         if granted == 0:
-            budget.free_at = now + wait
-            budget.recheck = now + min(wait, RECHECK_SECONDS)
             raise self._limited(name, limit, wait)
         budget.granted = granted
         budget.units = granted - 1  # one for this request
@@ -152,9 +144,9 @@ class RateLimiter:
         now = self.clock.monotonic()
         if self._is_local(now) or now < budget.recheck:
             return
-        cap = max(1, min(limit.burst, int(limit.per_second * BATCH_SECONDS)))
+        want = min(_batch_cap(limit), max(1, want))
         try:
-            task = asyncio.get_running_loop().create_task(self._next_batch(name, limit, budget, min(cap, max(1, want))))
+            task = asyncio.get_running_loop().create_task(self._next_batch(name, limit, budget, want))
         except RuntimeError:  # no event loop: nothing to take ahead with
             return
         budget.ahead = task
@@ -163,21 +155,31 @@ class RateLimiter:
 
     async def _next_batch(self, name: str, limit: RateLimit, budget: _Budget, want: int) -> None:
         try:
-            try:
-                granted, wait = await self.store.take_rate(name, limit.per_second, limit.burst, want)
-            except (StoreUnavailable, StoreBusy) as exc:
-                self._local_until = self.clock.monotonic() + LOCAL_SECONDS
-                self._note_local(exc.description)
-                return
-            now = self.clock.monotonic()
-            if granted == 0:
-                budget.free_at = now + wait
-                budget.recheck = now + min(wait, RECHECK_SECONDS)
-                return
-            budget.next_units = granted
-            budget.next_lapses = now + ALLOWANCE_SECONDS  # its own time: granted at most 100 ms before spent
+            answer = await self._ask(name, limit, budget, want)
+            if answer is not None and answer[0] > 0:
+                budget.next_units = answer[0]
+                # its own time: granted at most 100 ms before spent
+                budget.next_lapses = self.clock.monotonic() + ALLOWANCE_SECONDS
         finally:
             budget.ahead = None
+
+    async def _ask(self, name: str, limit: RateLimit, budget: _Budget, want: int) -> tuple[int, float] | None:
+        """Up to `want` units from Redis → (units granted, seconds until the next is free), a
+        refusal remembered in `budget`; None when Redis cannot answer (this worker decides alone)."""
+        try:
+            granted, wait = await self.store.take_rate(name, limit.per_second, limit.burst, want)
+        except (StoreUnavailable, StoreBusy) as exc:
+            self._local_until = self.clock.monotonic() + LOCAL_SECONDS
+            self._note_local(exc.description)
+            return None
+        if self._local:
+            self._local = False
+            log.info("ratelimit.shared_again")
+        if granted == 0:
+            now = self.clock.monotonic()
+            budget.free_at = now + wait
+            budget.recheck = now + min(wait, RECHECK_SECONDS)
+        return granted, wait
 
     async def aclose(self) -> None:
         """Stop taking batches ahead (shutdown)."""
@@ -215,6 +217,11 @@ class RateLimiter:
                 self._budgets.clear()
             budget = self._budgets[name] = _Budget()
         return budget
+
+
+def _batch_cap(limit: RateLimit) -> int:
+    """The largest batch: 50 ms of the caller's rate, within its burst, at least one unit."""
+    return max(1, min(limit.burst, int(limit.per_second * BATCH_SECONDS)))
 
 
 def _local_wait(budget: _Budget, limit: RateLimit, now: float) -> float:
